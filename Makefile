@@ -1,0 +1,33 @@
+# Set-up and everyday commands. Everything lives in a local virtualenv ($(VENV)).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned so pip takes the CPU build (an unpinned torch pulls a multi-GB CUDA build).
+TORCH ?= torch==2.13.0
+MODEL ?= smollm2-135m-instruct
+ARGS ?=
+
+.PHONY: install install-dev serve test lint bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+install-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+serve: install
+	$(PY) -m server --model $(MODEL) $(ARGS)
+
+test: install-dev
+	$(PY) -m pytest -q $(ARGS)
+
+lint: install-dev
+	$(PY) -m ruff check engine server tests benchmarks

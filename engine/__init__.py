@@ -1,0 +1,1 @@
+"""Kestrel engine: continuous batching over a paged KV cache, native torch models."""

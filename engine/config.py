@@ -1,0 +1,127 @@
+"""Frozen configuration records: the model's architecture and the engine's knobs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+    """A model directory or engine setting that Kestrel cannot use."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    # llama3 only
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> RopeConfig:
+        """Read `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling`."""
+        params = dict(hf.get("rope_scaling") or {})
+        params.update(hf.get("rope_parameters") or {})
+        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"unsupported rope type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+        rope = cls(theta=float(theta), rope_type=rope_type)
+        if rope_type == "default":
+            return rope
+        fields: dict[str, Any] = {"factor": float(params["factor"])}
+        if rope_type == "llama3":
+            fields |= {
+                "low_freq_factor": float(params["low_freq_factor"]),
+                "high_freq_factor": float(params["high_freq_factor"]),
+                "original_max_position_embeddings": int(params["original_max_position_embeddings"]),
+            }
+        return cls(theta=float(theta), rope_type=rope_type, **fields)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder, read from a Hugging Face config.json."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no config.json in {model_dir}") from None
+        return cls.from_hf_dict(hf)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = ", ".join(hf.get("architectures") or []) or "unknown"
+            raise ConfigError(
+                f"unsupported architecture: model_type {model_type!r} ({archs}); "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"unsupported activation {act!r} (only silu)")
+        if model_type == "mistral" and hf.get("sliding_window") is not None:
+            raise ConfigError("sliding-window attention (mistral sliding_window) is not supported")
+        num_heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rope=RopeConfig.from_hf(hf),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            # Qwen2 always has q/k/v biases (and none on o_proj); Llama's attention_bias covers all four.
+            qkv_bias=model_type == "qwen2" or hf.get("attention_bias", False),
+            o_proj_bias=model_type != "qwen2" and hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+
+    @property
+    def attention_scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)

@@ -1,0 +1,1 @@
+"""Building blocks of Llama-family decoders: norm, rotary, attention, MLP."""

@@ -1,0 +1,1 @@
+"""Kestrel HTTP server: the OpenAI API in front of the engine."""

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints written to tmp_path, the real default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def write_tiny_checkpoint(path: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A randomly initialised transformers model of `model_type`, saved as safetensors."""
+    import torch
+    import transformers
+
+    hf_config = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    hf_config.update(overrides)
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
+    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[model_type]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**hf_config))
+    # Random biases, so a missing bias would show in the logits.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture
+def tiny_llama(tmp_path: Path) -> Path:
+    return write_tiny_checkpoint(tmp_path / "tiny-llama", "llama")
+
+
+@pytest.fixture
+def tiny_qwen2(tmp_path: Path) -> Path:
+    return write_tiny_checkpoint(tmp_path / "tiny-qwen2", "qwen2", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real SmolLM2-135M-Instruct directory, fetched and converted on first use."""
+    from engine.assets import resolve_model
+
+    return resolve_model(DEFAULT_MODEL)

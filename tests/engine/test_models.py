@@ -1,0 +1,128 @@
+"""Our Llama / Qwen2 forward against transformers on the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.config import ConfigError, ModelConfig
+from engine.loader import LoadError, load_model
+from tests.conftest import write_tiny_checkpoint
+from tests.engine.model_driver import greedy_generate, prefill_logits
+
+PROMPTS = [[1, 5, 9, 200, 17], [1] + list(range(30, 70)), [1, 99], list(range(3, 40, 2))]
+
+
+def hf_model(path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def check_parity(path) -> None:
+    ours = load_model(path, dtype=torch.float32)
+    ref = hf_model(path)
+    with torch.inference_mode():
+        expected = [ref(torch.tensor([p])).logits[0] for p in PROMPTS]
+    for got, want in zip(prefill_logits(ours, PROMPTS), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    got_tokens = greedy_generate(ours, PROMPTS, 32)
+    assert got_tokens == [hf_greedy(ref, p, 32) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_tiny_model_matches_transformers(tmp_path, model_type):
+    check_parity(write_tiny_checkpoint(tmp_path / model_type, model_type))
+
+
+def test_tied_embeddings_and_attention_bias(tmp_path):
+    check_parity(
+        write_tiny_checkpoint(tmp_path / "m", "llama", tie_word_embeddings=True, attention_bias=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 16},
+        {"rope_type": "linear", "factor": 4.0},
+    ],
+    ids=["llama3", "linear"],
+)
+def test_scaled_rope_matches_transformers(tmp_path, scaling):
+    path = write_tiny_checkpoint(tmp_path / "m", "llama", rope_scaling=scaling, rope_theta=5000.0)
+    assert ModelConfig.from_pretrained(path).rope.rope_type == scaling["rope_type"]
+    check_parity(path)
+
+
+def test_real_default_model_greedy_matches_transformers(default_model_dir):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(default_model_dir)
+    chats = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "You are a terse assistant."},
+         {"role": "user", "content": "List three colours."}],
+        [{"role": "user", "content": "Write a haiku about the sea."}],
+        [{"role": "user", "content": "Explain what a hash table is, in detail, with an example in Python."}],
+    ]
+    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in chats]
+    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    ours = load_model(default_model_dir, dtype=torch.float32)
+    ref = hf_model(default_model_dir)
+    assert greedy_generate(ours, prompts, 32) == [hf_greedy(ref, p, 32) for p in prompts]
+
+
+def _rewrite(path, change) -> None:
+    tensors = load_file(path / "model.safetensors")
+    change(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(tiny_llama):
+    _rewrite(tiny_llama, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(LoadError, match=r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.weight'"):
+        load_model(tiny_llama)
+
+
+def test_wrong_shape_is_named(tiny_llama):
+    def shrink(t):
+        t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:, :10].clone()
+
+    _rewrite(tiny_llama, shrink)
+    with pytest.raises(LoadError, match=r"shape mismatch for 'model\.layers\.0\.mlp\.up_proj\.weight': checkpoint \(128, 10\), model expects \(128, 64\)"):
+        load_model(tiny_llama)
+
+
+def test_unknown_architecture_is_named(tiny_llama):
+    config = json.loads((tiny_llama / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (tiny_llama / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"unsupported architecture: model_type 'gpt2' \(GPT2LMHeadModel\)"):
+        load_model(tiny_llama)
+
+
+def test_unknown_rope_type_is_named(tiny_llama):
+    config = json.loads((tiny_llama / "config.json").read_text())
+    # The pre-transformers-5 spelling: rope_theta beside rope_scaling.
+    config.pop("rope_parameters", None)
+    config.update(rope_theta=10000.0, rope_scaling={"type": "yarn", "factor": 4.0})
+    (tiny_llama / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="unsupported rope type 'yarn'"):
+        ModelConfig.from_pretrained(tiny_llama)
