@@ -125,3 +125,30 @@ class ModelConfig:
     @property
     def attention_scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # KV pool size: bytes if set, else this fraction of the memory available at start-up.
+    memory_bytes: int | None = None
+    memory_fraction: float = 0.25
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # sequences decoding together in one step
+    max_num_batched_tokens: int = 2048  # tokens (prefill chunks + decodes) in one step
+    max_waiting: int = 256  # queued requests beyond which new ones are refused
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2-135m-instruct"  # catalogue name or Hugging Face directory
+    dtype: str = "bfloat16"  # bfloat16 | float32 | float16
+    device: str = "cpu"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    chat_template: str | None = None  # path to a template overriding the model's
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -1,0 +1,149 @@
+"""AsyncEngine: the LLMEngine stepped on its own thread, fed and drained from asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from engine.config import EngineConfig
+from engine.errors import EngineDead, EngineOverloaded
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineStats, RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    """Requests go in through a thread-safe command queue; the engine thread steps the batch
+    and hands each step's outputs back to the event loop, one call per step.
+
+    The event loop never runs model code, so a long prefill cannot stall it. Leaving a
+    `generate` iterator early (break, cancellation, client disconnect) aborts the request.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = self.engine.model_name
+        self.max_model_len = self.engine.max_model_len
+        self.generation_defaults = self.engine.generation_defaults
+        self.max_waiting = config.scheduler.max_waiting
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._not_started: set[str] = set()  # requests that have produced no output yet
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stats = self.engine.stats()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="kestrel-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if not self.is_alive:
+            raise EngineDead("the engine is not running")
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self.engine.check_request(prompt_token_ids, params)
+        if len(self._not_started) >= self.max_waiting:
+            raise EngineOverloaded(f"{len(self._not_started)} requests are already waiting")
+        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._not_started.add(request_id)
+        self._commands.put(("add", request_id, list(prompt_token_ids), params))
+        self._wakeup.set()
+        finished = False
+        try:
+            while not finished:
+                output = await stream.get()
+                finished = output.finished
+                yield output
+        finally:
+            self._streams.pop(request_id, None)
+            self._not_started.discard(request_id)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wakeup.set()
+
+    # -- engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._apply_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._stats = self.engine.stats()
+                    self._wakeup.wait(0.5)
+                    self._wakeup.clear()
+                    continue
+                outputs = self.engine.step()
+                self._stats = self.engine.stats()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._deliver, outputs)
+        except Exception:
+            logger.exception("engine loop died")
+            self._loop.call_soon_threadsafe(self._fail_all, "the engine loop stopped unexpectedly")
+        finally:
+            self._stopping = True
+
+    def _apply_commands(self) -> None:
+        outputs = []
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "add":
+                _, request_id, prompt_token_ids, params = command
+                try:
+                    self.engine.add_request(request_id, prompt_token_ids, params)
+                except Exception as exc:  # checked before queuing, so only a race gets here
+                    outputs.append(RequestOutput(request_id, prompt_token_ids, [], True, str(exc)))
+            else:
+                output = self.engine.abort_request(command[1])
+                if output is not None:
+                    outputs.append(output)
+        if outputs:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    # -- event loop side --------------------------------------------------------------------
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            self._not_started.discard(output.request_id)
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.put_nowait(output)
+
+    def _fail_all(self, message: str) -> None:
+        for request_id, stream in self._streams.items():
+            stream.put_nowait(RequestOutput(request_id, [], [], finished=True, error=message))

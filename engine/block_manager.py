@@ -1,0 +1,61 @@
+"""Paged KV bookkeeping: which cache blocks each sequence owns (pure Python)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class BlockManager:
+    """A pool of `num_blocks` fixed-size blocks handed out from a FIFO free list.
+
+    Invariants: a block is either in the free list (ref count 0) or held by block tables (ref
+    count = number of tables holding it); a table of a sequence with n tokens
+    in the cache holds exactly ceil(n / block_size) blocks once `allocate` has run for it.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.ref_counts = [0] * num_blocks
+        self.block_tables: dict[int, list[int]] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_blocks)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def num_missing_blocks(self, seq_id: int, num_tokens: int) -> int:
+        """Blocks `seq_id` still needs for its cache to hold `num_tokens` tokens."""
+        have = len(self.block_tables.get(seq_id, ()))
+        return max(0, self.blocks_for(num_tokens) - have)
+
+    def can_allocate(self, seq_id: int, num_tokens: int) -> bool:
+        return self.num_missing_blocks(seq_id, num_tokens) <= len(self.free_blocks)
+
+    def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Grow `seq_id`'s table to hold `num_tokens` tokens; returns the table."""
+        missing = self.num_missing_blocks(seq_id, num_tokens)
+        if missing > len(self.free_blocks):
+            raise MemoryError(f"need {missing} KV blocks, {len(self.free_blocks)} free")
+        table = self.block_tables.setdefault(seq_id, [])
+        for _ in range(missing):
+            block = self.free_blocks.popleft()
+            self.ref_counts[block] = 1
+            table.append(block)
+        return table
+
+    def free(self, seq_id: int) -> None:
+        """Release every block of `seq_id`; blocks no other table holds return to the free list."""
+        for block in self.block_tables.pop(seq_id, ()):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks.append(block)

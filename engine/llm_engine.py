@@ -1,0 +1,273 @@
+"""The synchronous engine: requests in, one batched model step at a time, output deltas out."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.assets import resolve_model
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.errors import ContextLengthExceeded, RequestError
+from engine.kv_cache import allocate_kv_cache, num_kv_blocks
+from engine.loader import load_model
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from engine.request import FinishReason, Request, Sequence
+from engine.sampler import Sampler
+from engine.sampling_params import GENERATION_CONFIG_KEYS, SamplingParams
+from engine.scheduler import Scheduler
+from engine.stopping import check_token_stop, find_stop_string, num_held_back_chars
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else a conservative 4 GiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def load_generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """Sampling defaults the model's authors set in generation_config.json."""
+    path = model_dir / "generation_config.json"
+    if not path.exists():
+        return {}
+    config = json.loads(path.read_text())
+    return {key: config[key] for key in GENERATION_CONFIG_KEYS if key in config}
+
+
+class LLMEngine:
+    """Owns the model, the KV pool, the scheduler and every live request.
+
+    Not thread-safe: one thread calls add_request / abort_request / step.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        if config.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {config.dtype!r} (choose from {', '.join(DTYPES)})")
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.model_dir = resolve_model(config.model)
+        self.model_name = config.model if not Path(config.model).is_dir() else self.model_dir.name
+        self.model_config = ModelConfig.from_pretrained(self.model_dir)
+        self.tokenizer = Tokenizer.from_pretrained(self.model_dir, chat_template=config.chat_template)
+        self.generation_defaults = load_generation_defaults(self.model_dir)
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        self.device = torch.device(config.device)
+        dtype = DTYPES[config.dtype]
+        self.model = load_model(self.model_dir, self.model_config, dtype, self.device)
+
+        block_size = config.cache.block_size
+        memory = config.cache.memory_bytes or int(available_memory_bytes() * config.cache.memory_fraction)
+        # No point in a pool larger than max_num_seqs full-length sequences.
+        max_blocks = config.scheduler.max_num_seqs * -(-self.max_model_len // block_size)
+        num_blocks = min(num_kv_blocks(self.model_config, memory, block_size, dtype), max_blocks)
+        if num_blocks < 1:
+            raise ValueError(f"KV cache memory {memory} bytes holds no block of {block_size} tokens")
+        self.kv_caches = allocate_kv_cache(self.model_config, num_blocks, block_size, dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self.sampler = Sampler(self.tokenizer.eos_token_ids)
+
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+        logger.info(
+            "engine ready: %s (%s, %s), max_model_len %d, %d KV blocks of %d tokens",
+            self.model_name, self.model_config.model_type, config.dtype, self.max_model_len,
+            num_blocks, block_size,
+        )
+
+    # -- requests -------------------------------------------------------------------------
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError if the request can never be served (no engine state is touched)."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise RequestError("the prompt must contain at least one token", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if num_prompt + 1 > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
+                f"has {num_prompt} tokens, leaving no room for a completion"
+            )
+        if params.max_tokens is not None and num_prompt + params.max_tokens > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
+                f"has {num_prompt} tokens and max_tokens is {params.max_tokens} "
+                f"({num_prompt + params.max_tokens} in total)"
+            )
+        bm = self.block_manager
+        if bm.blocks_for(num_prompt + (params.max_tokens or 1)) > bm.num_blocks:
+            raise ContextLengthExceeded(
+                f"the KV cache holds at most {bm.num_blocks * bm.block_size} tokens per sequence; "
+                f"this request needs {num_prompt + (params.max_tokens or 1)}"
+            )
+        for param, token_ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            if any(t >= vocab for t in token_ids):
+                raise RequestError(f"{param}: token ids must be in [0, {vocab})", param=param)
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id!r}", param="request_id")
+        self.check_request(prompt_token_ids, params)
+        request = Request(request_id, list(prompt_token_ids), params, arrival_time or time.monotonic())
+        for index in range(params.n):
+            seq = Sequence(next(self._seq_ids), request, index, list(prompt_token_ids))
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens
+            )
+            if params.seed is not None:
+                seq.generator = torch.Generator().manual_seed((params.seed + index) & (2**64 - 1))
+            request.sequences.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        self.num_prompt_tokens += len(prompt_token_ids)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks; returns its final output, or None if unknown."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        outputs = []
+        for seq in request.sequences:
+            if not seq.is_finished:
+                seq.finish(FinishReason.ABORT)
+                outputs.append(self._delta(seq))
+            self.scheduler.remove(seq)
+        return RequestOutput(request_id, request.prompt_token_ids, outputs, finished=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and return what changed."""
+        plan = self.scheduler.schedule()
+        changed: list[Sequence] = list(plan.finished)
+        if plan.scheduled:
+            try:
+                changed += self._run(plan.scheduled)
+            except Exception as exc:  # a failed step fails its requests, not the engine
+                logger.exception("engine step failed")
+                return self._fail({e.seq.request.request_id for e in plan.scheduled}, exc)
+        return self._collect(changed)
+
+    @torch.inference_mode()
+    def _run(self, scheduled) -> list[Sequence]:
+        logits, sampled = self.runner.execute(scheduled)
+        for entry in scheduled:
+            entry.seq.num_computed_tokens += entry.num_new_tokens
+        if not sampled:
+            return []
+        seqs = [scheduled[i].seq for i in sampled]
+        token_ids, logprobs = self.sampler(logits, seqs)
+        for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+            self._append_token(seq, token_id, logprob)
+        self.num_generated_tokens += len(seqs)
+        return seqs
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob) -> None:
+        seq.token_ids.append(token_id)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        check_token_stop(seq, self.eos_token_ids, self.max_model_len)
+        stops = seq.request.params.stop
+        ended_by_token = seq.finish_reason == FinishReason.STOP
+        previous_len = len(seq.output_text)
+        if not ended_by_token:  # the eos / stop token itself is not part of the text
+            seq.output_text += seq.detokenizer.step([token_id])
+        if seq.is_finished:
+            seq.output_text += seq.detokenizer.flush()
+        if stops:
+            match = find_stop_string(seq.output_text, previous_len, stops)
+            if match is not None:
+                seq.output_text = seq.output_text[: match[0]]
+                seq.finish(FinishReason.STOP, match[1])
+
+    def _collect(self, changed: list[Sequence]) -> list[RequestOutput]:
+        by_request: dict[str, list[CompletionOutput]] = {}
+        for seq in changed:
+            by_request.setdefault(seq.request.request_id, []).append(self._delta(seq))
+            if seq.is_finished:
+                self.scheduler.remove(seq)
+        outputs = []
+        for request_id, deltas in by_request.items():
+            request = self.requests[request_id]
+            finished = request.is_finished
+            if finished:
+                del self.requests[request_id]
+            outputs.append(RequestOutput(request_id, request.prompt_token_ids, deltas, finished))
+        return outputs
+
+    def _delta(self, seq: Sequence) -> CompletionOutput:
+        """What `seq` has not yet reported, holding back text a stop string could still claim."""
+        params = seq.request.params
+        end = len(seq.output_text)
+        if not seq.is_finished and params.stop:
+            end -= num_held_back_chars(params.stop)
+        text = ""
+        if end > seq.num_emitted_chars:
+            text = seq.output_text[seq.num_emitted_chars : end]
+            seq.num_emitted_chars = end
+        new_tokens = seq.generated_token_ids[seq.num_emitted_tokens :]
+        logprobs = seq.logprobs[seq.num_emitted_tokens :] if params.logprobs is not None else None
+        seq.num_emitted_tokens += len(new_tokens)
+        return CompletionOutput(
+            index=seq.index,
+            text=text,
+            token_ids=new_tokens,
+            logprobs=logprobs,
+            finish_reason=str(seq.finish_reason) if seq.finish_reason else None,
+            stop_reason=seq.stop_reason,
+            num_generated_tokens=seq.num_generated_tokens,
+        )
+
+    def _fail(self, request_ids: set[str], exc: Exception) -> list[RequestOutput]:
+        outputs = []
+        for request_id in request_ids:
+            out = self.abort_request(request_id)
+            if out is not None:
+                out.error = f"engine step failed: {type(exc).__name__}: {exc}"
+                outputs.append(out)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks_used=self.block_manager.num_used_blocks,
+            num_kv_blocks_total=self.block_manager.num_blocks,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generated_tokens=self.num_generated_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+

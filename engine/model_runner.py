@@ -1,0 +1,65 @@
+"""The one bridge from scheduler decisions to tensors: builds a step's inputs, runs the model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.block_manager import BlockManager
+from engine.layers.attention import KVCache, build_attention_metadata
+from engine.scheduler import ScheduledSequence
+
+
+class ModelRunner:
+    def __init__(
+        self, model: nn.Module, kv_caches: list[KVCache], block_manager: BlockManager, device: torch.device
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_manager = block_manager
+        self.device = device
+        # Rectangular-batch accounting for the benchmarks: key slots read vs. real context tokens.
+        self.num_rect_kv_slots = 0
+        self.num_real_kv_slots = 0
+
+    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, list[int]]:
+        """Run one step. Returns float32 logits [num_sampled, vocab] and the indices (into
+        `scheduled`) of the entries they belong to: those whose known tokens are now all computed."""
+        input_ids: list[int] = []
+        tables, computed, new = [], [], []
+        sample_rows, sampled = [], []
+        row = -1
+        for i, entry in enumerate(scheduled):
+            seq, n = entry.seq, entry.num_new_tokens
+            start = seq.num_computed_tokens
+            input_ids += seq.token_ids[start : start + n]
+            tables.append(self.block_manager.block_tables[seq.seq_id])
+            computed.append(start)
+            new.append(n)
+            row += n
+            if start + n == len(seq.token_ids):
+                sample_rows.append(row)
+                sampled.append(i)
+        self._count_padding(computed, new)
+
+        positions, meta = build_attention_metadata(
+            tables, computed, new, self.block_manager.block_size, self.device
+        )
+        ids = torch.tensor(input_ids, device=self.device)
+        hidden = self.model(ids, positions, self.kv_caches, meta)  # [num_tokens, hidden_size]
+        if not sample_rows:
+            return hidden.new_empty(0, 0, dtype=torch.float32), []
+        rows = torch.tensor(sample_rows, device=self.device)
+        return self.model.compute_logits(hidden[rows]).cpu(), sampled
+
+    def _count_padding(self, computed: list[int], new: list[int]) -> None:
+        kv_lens = [c + n for c, n in zip(computed, new)]
+        decodes = [k for k, n in zip(kv_lens, new) if n == 1]
+        prefills = [(k, n) for k, n in zip(kv_lens, new) if n > 1]
+        if decodes:
+            self.num_rect_kv_slots += len(decodes) * max(decodes)
+        if prefills:
+            max_q = max(n for _, n in prefills)
+            self.num_rect_kv_slots += len(prefills) * max_q * max(k for k, _ in prefills)
+            self.num_real_kv_slots += sum(n * k for k, n in prefills)
+        self.num_real_kv_slots += sum(decodes)

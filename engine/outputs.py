@@ -1,0 +1,47 @@
+"""What the engine hands back: per-step deltas of each sequence of a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the `logprobs` most likely (token_id, logprob), best first
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One sequence's delta since the previous output of its request."""
+
+    index: int
+    text: str  # new text; stop strings are never included
+    token_ids: list[int]  # new token ids
+    logprobs: list[TokenLogprob] | None = None  # one per new token when requested
+    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    num_generated_tokens: int = 0  # cumulative
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """Deltas of the sequences of one request that changed in one engine step."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False  # every sequence of the request has finished
+    error: str | None = None  # set when the engine failed the request
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks_used: int
+    num_kv_blocks_total: int
+    num_prompt_tokens: int  # processed since start
+    num_generated_tokens: int
+    num_preemptions: int

@@ -1,0 +1,106 @@
+"""Per-request sampling and stopping parameters, validated at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+# Keys of generation_config.json that set sampling defaults, by SamplingParams field.
+GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+class SamplingParamsError(ValueError):
+    """An invalid parameter; `param` names the offending field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = None  # None: up to the context length
+    min_tokens: int = 0
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # transformers semantics, over prompt + output
+    presence_penalty: float = 0.0  # OpenAI semantics, over output
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the chosen token's plus the top k
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    @classmethod
+    def with_defaults(cls, defaults: dict[str, Any], **values: Any) -> SamplingParams:
+        """Fields from `values` where not None, else from `defaults` (e.g. generation_config)."""
+        names = {f.name for f in fields(cls)}
+        merged = {k: v for k, v in defaults.items() if k in names and v is not None}
+        merged.update({k: v for k, v in values.items() if v is not None})
+        return cls(**merged)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def _validate(self) -> None:
+        _check_int(self.n, "n", 1, MAX_N)
+        if self.max_tokens is not None:
+            _check_int(self.max_tokens, "max_tokens", 1, None)
+        _check_int(self.min_tokens, "min_tokens", 0, self.max_tokens)
+        _check_float(self.temperature, "temperature", 0.0, 2.0)
+        _check_float(self.top_p, "top_p", 0.0, 1.0)
+        if self.top_p == 0.0:
+            raise SamplingParamsError("top_p", "top_p must be in (0, 1], got 0")
+        _check_int(self.top_k, "top_k", 0, None)
+        _check_float(self.min_p, "min_p", 0.0, 1.0)
+        _check_float(self.repetition_penalty, "repetition_penalty", 0.0, None)
+        if self.repetition_penalty == 0.0:
+            raise SamplingParamsError("repetition_penalty", "repetition_penalty must be > 0")
+        _check_float(self.presence_penalty, "presence_penalty", -2.0, 2.0)
+        _check_float(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
+        for token_id, bias in self.logit_bias.items():
+            _check_int(token_id, "logit_bias", 0, None)
+            _check_float(bias, "logit_bias", -100.0, 100.0)
+        if self.seed is not None:
+            _check_int(self.seed, "seed", -(2**63), 2**64 - 1)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise SamplingParamsError("stop", "stop must be non-empty strings")
+        for token_id in self.stop_token_ids:
+            _check_int(token_id, "stop_token_ids", 0, None)
+        if self.logprobs is not None:
+            _check_int(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
+
+
+def _check_int(value: Any, name: str, low: int | None, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SamplingParamsError(name, f"{name} must be an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise SamplingParamsError(name, f"{name} must be in [{low}, {high if high is not None else 'inf'}], got {value}")
+
+
+def _check_float(value: Any, name: str, low: float | None, high: float | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise SamplingParamsError(name, f"{name} must be a finite number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise SamplingParamsError(name, f"{name} must be in [{low}, {high if high is not None else 'inf'}], got {value}")

@@ -1,0 +1,114 @@
+"""Which sequences run in the next step: FCFS admission under a token budget, with preemption."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.request import FinishReason, RequestStatus, Sequence
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int  # tokens whose K/V this step computes, from seq.num_computed_tokens on
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]  # one-token entries first, then multi-token prefill chunks
+    preempted: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)  # outgrew the whole KV pool
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Keeps `waiting` (FCFS, preempted sequences at the front) and `running` (admission order).
+
+    Every step schedules each running sequence's next token (or its next prefill chunk), then
+    admits waiting sequences while the token budget, `max_num_seqs` and free blocks allow. When
+    blocks run out, the most recently admitted running sequence is preempted: its blocks are
+    freed and it is recomputed from its tokens when readmitted, so the oldest always progress.
+    """
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        # Blocks kept free when admitting, so admission does not force an immediate preemption.
+        self.watermark_blocks = max(1, block_manager.num_blocks // 100)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq.seq_id)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(scheduled=[])
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_tokens = seq.num_computed_tokens + num_new
+            if bm.blocks_for(num_tokens) > bm.num_blocks:
+                seq.finish(FinishReason.LENGTH)
+                self.remove(seq)
+                out.finished.append(seq)
+                continue
+            while not bm.can_allocate(seq.seq_id, num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status == RequestStatus.WAITING:  # preempted itself
+                break
+            bm.allocate(seq.seq_id, num_tokens)
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_tokens = seq.num_computed_tokens + num_new
+            reserve = self.watermark_blocks if self.running else 0
+            if bm.num_missing_blocks(seq.seq_id, num_tokens) + reserve > bm.num_free_blocks:
+                break
+            self.waiting.popleft()
+            seq.status = RequestStatus.RUNNING
+            self.running.append(seq)
+            bm.allocate(seq.seq_id, num_tokens)
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+
+        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq.seq_id)
+        seq.status = RequestStatus.WAITING
+        seq.num_computed_tokens = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
