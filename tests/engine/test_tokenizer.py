@@ -290,20 +290,7 @@ def test_encode_matches_transformers(model_dir: Path, add_special_tokens: bool) 
     assert ours.encode(SAMPLE) == hf(SAMPLE)["input_ids"]
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "smollm2",
-        pytest.param(
-            "qwen",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="engine.assets writes Qwen's tokenizer.json without the NFC normalizer that "
-                "upstream Qwen2.5 ships and transformers' Qwen2Tokenizer always applies",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("name", ["smollm2", "qwen"])
 def test_encode_non_nfc_text_matches_transformers(
     request: pytest.FixtureRequest, name: str
 ) -> None:
