@@ -141,6 +141,13 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # tokens (prefill chunks + decodes) in one step
     max_waiting: int = 256  # queued requests beyond which new ones are refused
 
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                "max_num_batched_tokens must be at least max_num_seqs, so every running "
+                "sequence can decode in each step"
+            )
+
 
 @dataclass(frozen=True)
 class EngineConfig:

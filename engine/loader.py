@@ -11,7 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.layers.linear import MergedLinear
+from engine.layers.linear import MergedLinear, pack_linear_weights
 from engine.models import model_class
 
 # Checkpoint tensors that carry nothing this implementation needs.
@@ -62,6 +62,7 @@ def load_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, iter_checkpoint(model_dir))
+    pack_linear_weights(model)
     return model.eval()
 
 

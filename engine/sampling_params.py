@@ -46,7 +46,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        self.logit_bias = _checked_logit_bias(self.logit_bias)
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -79,9 +79,9 @@ class SamplingParams:
             raise SamplingParamsError("repetition_penalty", "repetition_penalty must be > 0")
         _check_float(self.presence_penalty, "presence_penalty", -2.0, 2.0)
         _check_float(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
-        for token_id, bias in self.logit_bias.items():
-            _check_int(token_id, "logit_bias", 0, None)
-            _check_float(bias, "logit_bias", -100.0, 100.0)
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamsError(name, f"{name} must be a boolean")
         if self.seed is not None:
             _check_int(self.seed, "seed", -(2**63), 2**64 - 1)
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -90,6 +90,19 @@ class SamplingParams:
             _check_int(token_id, "stop_token_ids", 0, None)
         if self.logprobs is not None:
             _check_int(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
+
+
+def _checked_logit_bias(logit_bias: dict) -> dict[int, float]:
+    """Token id -> bias; ids may be given as decimal strings (JSON object keys)."""
+    if not isinstance(logit_bias, dict):
+        raise SamplingParamsError("logit_bias", "logit_bias must map token ids to numbers")
+    checked = {}
+    for key, bias in logit_bias.items():
+        token_id = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        _check_int(token_id, "logit_bias", 0, None)
+        _check_float(bias, "logit_bias", -100.0, 100.0)
+        checked[token_id] = float(bias)
+    return checked
 
 
 def _check_int(value: Any, name: str, low: int | None, high: int | None) -> None:

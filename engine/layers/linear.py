@@ -1,9 +1,36 @@
-"""Linear layers whose weight stacks several Hugging Face projections along the output dim."""
+"""Linear layers: oneDNN pre-packed weights on CPU, and projections fused along the output dim."""
 
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class MergedLinear(nn.Linear):
+def can_pack(weight: torch.Tensor) -> bool:
+    """oneDNN's pre-packed bf16 matmul: ~5x faster than F.linear for a few rows on this CPU."""
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can swap its weight for a pre-packed copy once loading is done."""
+
+    packed_weight: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """Replace the weight by oneDNN's packed layout where that is faster (bf16 on CPU)."""
+        if self.packed_weight is None and can_pack(self.weight):
+            # The batch-size hint only tunes the layout; any number of rows works.
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+            self.weight = None  # the packed copy is all forward needs (a tied embedding keeps its own)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
     """One matmul for several projections of the same input (q/k/v, gate/up).
 
     `output_sizes[i]` rows of the weight, in order, belong to shard i; the loader copies each
@@ -17,3 +44,9 @@ class MergedLinear(nn.Linear):
     def shard_rows(self, shard: int) -> slice:
         start = sum(self.output_sizes[:shard])
         return slice(start, start + self.output_sizes[shard])
+
+
+def pack_linear_weights(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.pack()

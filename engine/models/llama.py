@@ -8,7 +8,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.layers.activation import GatedMLP
 from engine.layers.attention import AttentionMetadata, KVCache, paged_attention
-from engine.layers.linear import MergedLinear
+from engine.layers.linear import Linear, MergedLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -25,7 +25,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(
             config.hidden_size, [q_size, kv_size, kv_size], bias=config.qkv_bias
         )
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
 
     def forward(
         self,
@@ -103,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -1,0 +1,135 @@
+"""engine.block_manager: exact block ids, FIFO free list, growth, exhaustion, no leaks."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.block_manager import BlockManager
+from tests.engine.factories import make_block_manager
+
+
+def assert_no_leak(bm: BlockManager) -> None:
+    assert bm.num_free_blocks == bm.num_blocks
+    assert sorted(bm.free_blocks) == list(range(bm.num_blocks))
+    assert bm.ref_counts == [0] * bm.num_blocks
+    assert bm.block_tables == {}
+
+
+def test_new_pool_is_all_free_in_id_order():
+    bm = make_block_manager(num_blocks=5, block_size=4)
+    assert list(bm.free_blocks) == [0, 1, 2, 3, 4]
+    assert (bm.num_free_blocks, bm.num_used_blocks) == (5, 0)
+
+
+@pytest.mark.parametrize("num_blocks, block_size", [(0, 4), (4, 0), (-1, 16)])
+def test_rejects_non_positive_sizes(num_blocks, block_size):
+    with pytest.raises(ValueError):
+        BlockManager(num_blocks, block_size)
+
+
+@pytest.mark.parametrize("num_tokens, expected", [(0, 0), (1, 1), (4, 1), (5, 2), (8, 2), (9, 3)])
+def test_blocks_for_rounds_up_to_whole_blocks(num_tokens, expected):
+    assert make_block_manager(block_size=4).blocks_for(num_tokens) == expected
+
+
+def test_allocate_hands_out_lowest_free_ids_in_order():
+    bm = make_block_manager(num_blocks=8, block_size=4)
+    assert bm.allocate(10, 5) == [0, 1]
+    assert bm.allocate(11, 4) == [2]
+    assert bm.allocate(12, 9) == [3, 4, 5]
+    assert list(bm.free_blocks) == [6, 7]
+    assert bm.ref_counts == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert (bm.num_free_blocks, bm.num_used_blocks) == (2, 6)
+
+
+def test_table_grows_by_one_block_per_block_size_tokens():
+    bm = make_block_manager(num_blocks=8, block_size=4)
+    other = 99
+    tables = []
+    for num_tokens in range(1, 14):
+        tables.append(list(bm.allocate(7, num_tokens)))
+        if num_tokens == 6:
+            bm.allocate(other, 1)
+    assert tables[0:4] == [[0]] * 4
+    assert tables[4:8] == [[0, 1]] * 4
+    assert tables[8:12] == [[0, 1, 3]] * 4
+    assert tables[12] == [0, 1, 3, 4]
+    assert bm.block_tables == {7: [0, 1, 3, 4], other: [2]}
+
+
+def test_allocate_returns_the_live_table_and_never_shrinks_it():
+    bm = make_block_manager(block_size=4)
+    table = bm.allocate(0, 9)
+    assert bm.allocate(0, 2) is table
+    assert table == [0, 1, 2]
+    assert bm.num_free_blocks == 5
+
+
+def test_num_missing_blocks_and_can_allocate():
+    bm = make_block_manager(num_blocks=4, block_size=4)
+    assert bm.num_missing_blocks(0, 9) == 3
+    bm.allocate(0, 5)
+    assert bm.num_missing_blocks(0, 5) == 0
+    assert bm.num_missing_blocks(0, 8) == 0
+    assert bm.num_missing_blocks(0, 9) == 1
+    assert bm.num_missing_blocks(0, 3) == 0
+    assert bm.can_allocate(0, 16)
+    assert not bm.can_allocate(0, 17)
+    assert bm.can_allocate(1, 8)
+    assert not bm.can_allocate(1, 9)
+
+
+def test_allocate_beyond_free_blocks_raises_and_changes_nothing():
+    bm = make_block_manager(num_blocks=4, block_size=4)
+    bm.allocate(0, 8)
+    with pytest.raises(MemoryError):
+        bm.allocate(1, 9)
+    with pytest.raises(MemoryError):
+        bm.allocate(0, 17)
+    assert bm.block_tables == {0: [0, 1]}
+    assert list(bm.free_blocks) == [2, 3]
+    assert bm.ref_counts == [1, 1, 0, 0]
+
+
+def test_freed_blocks_join_the_back_of_the_free_list():
+    bm = make_block_manager(num_blocks=6, block_size=4)
+    bm.allocate(0, 8)
+    bm.allocate(1, 4)
+    bm.allocate(2, 5)
+    bm.free(0)
+    assert list(bm.free_blocks) == [5, 0, 1]
+    bm.free(2)
+    assert list(bm.free_blocks) == [5, 0, 1, 3, 4]
+    assert bm.ref_counts == [0, 0, 1, 0, 0, 0]
+    assert bm.allocate(3, 9) == [5, 0, 1]
+    assert list(bm.free_blocks) == [3, 4]
+
+
+def test_free_of_unknown_sequence_is_a_noop():
+    bm = make_block_manager(num_blocks=4, block_size=4)
+    bm.allocate(0, 5)
+    bm.free(42)
+    assert bm.block_tables == {0: [0, 1]}
+    assert list(bm.free_blocks) == [2, 3]
+    assert bm.ref_counts == [1, 1, 0, 0]
+
+
+def test_double_free_does_not_duplicate_blocks():
+    bm = make_block_manager(num_blocks=4, block_size=4)
+    bm.allocate(0, 5)
+    bm.free(0)
+    bm.free(0)
+    assert list(bm.free_blocks) == [2, 3, 0, 1]
+    assert_no_leak(bm)
+
+
+def test_no_block_leaked_after_every_sequence_is_freed():
+    bm = make_block_manager(num_blocks=8, block_size=4)
+    for step in range(1, 4):
+        for seq_id in range(3):
+            bm.allocate(seq_id, step * (seq_id + 1))
+    bm.free(1)
+    bm.allocate(3, 7)
+    for seq_id in (0, 2, 3):
+        bm.free(seq_id)
+    assert_no_leak(bm)
