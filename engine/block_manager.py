@@ -53,6 +53,30 @@ class BlockManager:
             table.append(block)
         return table
 
+    def fork(self, parent_id: int, child_id: int, num_tokens: int) -> tuple[int, int] | None:
+        """Give `child_id` the parent's first `num_tokens` tokens of cache.
+
+        Full blocks are shared (their ref count grows); a partly filled last block is one the
+        parent will still write into, so the child gets a fresh block instead, and the returned
+        (source, destination) pair says which block contents the caller must copy.
+        """
+        parent = self.block_tables[parent_id][: self.blocks_for(num_tokens)]
+        num_full = num_tokens // self.block_size
+        partial = len(parent) > num_full
+        if partial and not self.free_blocks:
+            raise MemoryError("no free KV block for a forked sequence")
+        table = parent[:num_full]
+        for block in table:
+            self.ref_counts[block] += 1
+        copy = None
+        if partial:
+            block = self.free_blocks.popleft()
+            self.ref_counts[block] = 1
+            table.append(block)
+            copy = (parent[-1], block)
+        self.block_tables[child_id] = table
+        return copy
+
     def free(self, seq_id: int) -> None:
         """Release every block of `seq_id`; blocks no other table holds return to the free list."""
         for block in self.block_tables.pop(seq_id, ()):

@@ -131,7 +131,7 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16
     # KV pool size: bytes if set, else this fraction of the memory available at start-up.
-    memory_bytes: int | None = None
+    memory_bytes: int | None = 2 * 2**30
     memory_fraction: float = 0.25
 
 

@@ -148,7 +148,10 @@ class LLMEngine:
             if params.seed is not None:
                 seq.generator = torch.Generator().manual_seed((params.seed + index) & (2**64 - 1))
             request.sequences.append(seq)
-            self.scheduler.add(seq)
+            if index == 0:
+                self.scheduler.add(seq)
+            else:
+                seq.is_awaiting_fork = True
         self.requests[request_id] = request
         self.num_prompt_tokens += len(prompt_token_ids)
 
@@ -190,11 +193,44 @@ class LLMEngine:
         if not sampled:
             return []
         seqs = [scheduled[i].seq for i in sampled]
+        rows = list(range(len(seqs)))
+        for row, seq in enumerate(list(seqs)):
+            for child in self._fork_siblings(seq):
+                seqs.append(child)
+                rows.append(row)  # the siblings' first tokens come from the same logits
+        if len(rows) > len(sampled):
+            logits = logits[rows]
         token_ids, logprobs = self.sampler(logits, seqs)
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
             self._append_token(seq, token_id, logprob)
         self.num_generated_tokens += len(seqs)
         return seqs
+
+    def _fork_siblings(self, seq: Sequence) -> list[Sequence]:
+        """After sequence 0 of an n > 1 request has prefilled, start its siblings on shared blocks.
+
+        A sibling that finds no free block for its copy of a partial block is queued to
+        prefill on its own instead.
+        """
+        siblings = [s for s in seq.request.sequences if s.is_awaiting_fork]
+        if not siblings or seq.num_generated_tokens:
+            return []
+        forked, copies = [], []
+        for sibling in siblings:
+            sibling.is_awaiting_fork = False
+            try:
+                copy = self.block_manager.fork(seq.seq_id, sibling.seq_id, seq.num_computed_tokens)
+            except MemoryError:
+                self.scheduler.add(sibling)
+                continue
+            if copy is not None:
+                copies.append(copy)
+            sibling.num_computed_tokens = seq.num_computed_tokens
+            self.scheduler.add_running(sibling)
+            forked.append(sibling)
+        if copies:
+            self.runner.copy_blocks(copies)
+        return forked
 
     def _append_token(self, seq: Sequence, token_id: int, logprob) -> None:
         seq.token_ids.append(token_id)

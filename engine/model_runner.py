@@ -52,6 +52,15 @@ class ModelRunner:
         rows = torch.tensor(sample_rows, device=self.device)
         return self.model.compute_logits(hidden[rows]).cpu(), sampled
 
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks, (source, destination) pairs, in every layer."""
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
+
     def _count_padding(self, computed: list[int], new: list[int]) -> None:
         kv_lens = [c + n for c, n in zip(computed, new)]
         decodes = [k for k, n in zip(kv_lens, new) if n == 1]

@@ -51,6 +51,8 @@ class Sequence:
     token_ids: list[int]  # prompt followed by generated tokens
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
+    # n > 1: sequences 1..n-1 wait for sequence 0's prefill and then share its prompt blocks.
+    is_awaiting_fork: bool = False
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     # Text bookkeeping, owned by the output processor.

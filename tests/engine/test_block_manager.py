@@ -133,3 +133,33 @@ def test_no_block_leaked_after_every_sequence_is_freed():
     for seq_id in (0, 2, 3):
         bm.free(seq_id)
     assert_no_leak(bm)
+
+
+def test_fork_shares_full_blocks_and_copies_a_partial_last_block():
+    bm = make_block_manager(num_blocks=8, block_size=4)
+    bm.allocate(0, 10)  # blocks 0, 1 full; block 2 holds 2 of 4 tokens
+    copy = bm.fork(0, 1, 10)
+    assert copy == (2, 3)
+    assert bm.block_tables[1] == [0, 1, 3]
+    assert bm.ref_counts[:4] == [2, 2, 1, 1]
+    bm.free(0)
+    assert bm.ref_counts[:4] == [1, 1, 0, 1]
+    assert list(bm.free_blocks) == [4, 5, 6, 7, 2]
+    bm.free(1)
+    assert bm.num_free_blocks == 8 and not any(bm.ref_counts)
+
+
+def test_fork_of_whole_blocks_copies_nothing():
+    bm = make_block_manager(num_blocks=4, block_size=4)
+    bm.allocate(0, 8)
+    assert bm.fork(0, 1, 8) is None
+    assert bm.block_tables[1] == [0, 1]
+    assert bm.num_free_blocks == 2
+
+
+def test_fork_without_a_free_block_for_the_copy_raises_and_changes_nothing():
+    bm = make_block_manager(num_blocks=2, block_size=4)
+    bm.allocate(0, 5)
+    with pytest.raises(MemoryError):
+        bm.fork(0, 1, 5)
+    assert bm.ref_counts == [1, 1] and 1 not in bm.block_tables

@@ -99,7 +99,7 @@ def test_real_model_staggered_joins(real_setup):
 def test_real_model_chunked_prefill(real_setup, default_model_dir):
     _, prompts, expected = real_setup
     llm = LLM(str(default_model_dir), dtype="float32",
-              scheduler=dataclasses.replace(EngineConfig().scheduler, max_num_batched_tokens=48))
+              scheduler=dataclasses.replace(EngineConfig().scheduler, max_num_seqs=8, max_num_batched_tokens=48))
     assert max(len(p) for p in prompts) > 48
     assert generate_all(llm, prompts, GREEDY) == expected
 
@@ -173,3 +173,32 @@ def test_no_block_leaks_after_aborts(real_setup):
         engine.step()
     assert engine.block_manager.num_used_blocks == 0
     assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+@pytest.mark.parametrize("prompt_len", [16, 21])  # a whole number of blocks, and a partial last block
+def test_greedy_siblings_share_the_prompt_and_match_a_single_sequence(tmp_path, prompt_len):
+    path = write_tiny_checkpoint(tmp_path / "m", "llama")
+    llm = LLM(str(path), dtype="float32", max_model_len=256)
+    prompt = [1] + list(range(7, 6 + prompt_len))
+    single = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    engine = llm.engine
+    engine.add_request("n3", prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=3))
+    result = GenerationResult("n3", prompt, [_empty_at(i) for i in range(3)])
+    for output in engine.step():
+        accumulate(result, output)
+    # One prefill for all three; each sibling owns only its copy of a partial last block.
+    assert engine.stats().num_running == 3
+    partial = prompt_len % 16 != 0
+    assert engine.block_manager.num_used_blocks == -(-prompt_len // 16) + 2 * partial
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            accumulate(result, output)
+    want = single[0].completions[0].token_ids
+    assert [c.token_ids for c in result.completions] == [want] * 3
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def _empty_at(index: int):
+    from engine.llm import Completion
+
+    return Completion(index)

@@ -23,11 +23,12 @@ def hf_model(path):
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Exactly max_new_tokens greedy tokens: like the bare driver, transformers does not stop at eos."""
+    model.generation_config.eos_token_id = None
     out = model.generate(
         torch.tensor([prompt]),
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=0,
     )

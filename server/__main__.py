@@ -1,0 +1,65 @@
+"""`python -m server`: CLI -> load config -> build engine -> uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from .settings import SettingsError, build_configs, format_config, resolve_values
+
+logger = logging.getLogger("kestrel.server")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        values = resolve_values(env=os.environ, argv=sys.argv[1:] if argv is None else argv)
+        engine_config, server_config = build_configs(values)
+    except SettingsError as exc:
+        print(f"kestrel: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=server_config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    print("kestrel: effective configuration\n" + format_config(values), file=sys.stderr, flush=True)
+
+    from engine import AsyncEngine
+
+    try:
+        engine = AsyncEngine(engine_config)
+    except Exception as exc:  # an unknown model, a bad directory, an unsupported architecture
+        logger.debug("engine failed to start", exc_info=True)
+        print(f"kestrel: cannot load model {engine_config.model!r}: {exc}", file=sys.stderr)
+        return 1
+
+    from .app import create_app
+
+    app = create_app(engine, server_config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=server_config.host,
+            port=server_config.port,
+            log_config=None,  # keep the logging set up above
+            log_level=server_config.log_level,
+            access_log=False,  # the app logs one structured line per request
+            timeout_graceful_shutdown=server_config.drain_timeout,
+            lifespan="on",
+        )
+    )
+    # NOTE: uvicorn re-raises the signal that stopped it once it has shut down gracefully; with
+    # these no-op handlers in place that re-raise is harmless and a drained SIGTERM exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Thin endpoint functions: read and validate the body, hand it to Serving, return the response."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
+
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.responses import Response
+
+from .errors import APIError
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    parse_json,
+    validate,
+)
+from .serving import Serving, json_response
+
+router = APIRouter()
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
+)
+
+try:
+    VERSION = importlib.metadata.version("kestrel")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    VERSION = "0.0.0+unknown"
+
+
+def _serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a body read by hand (see `read_body`); app.py registers the schemas."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
+    }
+
+
+async def read_body(request: Request) -> Any:
+    """The parsed JSON body; 413 past max_request_bytes (declared or streamed), 400 if not JSON.
+
+    NOTE: parsed here rather than by FastAPI so that NaN/Infinity, invalid UTF-8, lone surrogates
+    and a missing Content-Type are handled the same way on every endpoint.
+    """
+    limit: int = request.app.state.config.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return parse_json(b"".join(chunks))
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(
+        413, f"request body exceeds the limit of {limit} bytes", code="request_too_large"
+    )
+
+
+@router.post(
+    "/v1/chat/completions",
+    openapi_extra=_json_body(ChatCompletionRequest),
+    summary="Create a chat completion (streaming with `stream: true`)",
+)
+async def chat_completions(request: Request) -> Response:
+    body = validate(ChatCompletionRequest, await read_body(request))
+    return await _serving(request).chat(body, request)
+
+
+@router.post(
+    "/v1/completions",
+    openapi_extra=_json_body(CompletionRequest),
+    summary="Create a text completion (streaming with `stream: true`)",
+)
+async def completions(request: Request) -> Response:
+    body = validate(CompletionRequest, await read_body(request))
+    return await _serving(request).completion(body, request)
+
+
+@router.get("/v1/models", summary="List the served model names")
+async def list_models(request: Request) -> Response:
+    return json_response(_serving(request).list_models())
+
+
+@router.get("/v1/models/{model:path}", summary="Describe one served model")
+async def retrieve_model(request: Request, model: str) -> Response:
+    serving = _serving(request)
+    return json_response(serving.model_card(serving.resolve_model(model)))
+
+
+@router.post(
+    "/tokenize", openapi_extra=_json_body(TokenizeRequest), summary="Text or messages -> token ids"
+)
+async def tokenize(request: Request) -> Response:
+    body = validate(TokenizeRequest, await read_body(request))
+    return json_response(await _serving(request).tokenize(body))
+
+
+@router.post(
+    "/detokenize", openapi_extra=_json_body(DetokenizeRequest), summary="Token ids -> text"
+)
+async def detokenize(request: Request) -> Response:
+    body = validate(DetokenizeRequest, await read_body(request))
+    return json_response(await _serving(request).detokenize(body))
+
+
+@router.api_route(
+    "/health", methods=["GET", "HEAD"], summary="200 while the engine loop runs, else 503"
+)
+async def health(request: Request) -> Response:
+    if request.app.state.engine.is_alive:
+        return json_response({"status": "ok"})
+    return json_response({"status": "unavailable"}, status=503)
+
+
+@router.get("/version", summary="Kestrel's version")
+async def version() -> Response:
+    return json_response({"version": VERSION})
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )

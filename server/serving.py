@@ -1,0 +1,809 @@
+"""Chat / completions logic: prompts -> engine requests -> OpenAI JSON bodies or SSE chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import Response
+
+from engine import (
+    AsyncEngine,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+    Tokenizer,
+    TokenLogprob,
+)
+
+from .errors import APIError, bad_request, from_exception
+from .metrics import Metrics
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    check_chat_supported,
+    check_completion_supported,
+    check_stream_options,
+    messages_for_template,
+    to_sampling_params,
+    tools_for_template,
+)
+from .settings import ServerConfig
+
+logger = logging.getLogger("kestrel.serving")
+
+# A streaming response starts once every engine request has produced its first output or this
+# many seconds have passed; admission errors (400 / 429) arriving before then are HTTP errors.
+ADMISSION_WAIT = 1.0
+# Prompts longer than this (characters) are tokenized off the event loop.
+INLINE_TOKENIZE_CHARS = 8192
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MIN_LOGPROB = -9999.0  # -inf is not JSON
+_TEMPLATE_RESERVED = ("messages", "tools", "add_generation_prompt", "documents")
+
+_engine_request_ids = itertools.count()
+_END = object()
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _sse_safe(text: str) -> str:
+    # json.dumps escapes control characters but not these, which some clients treat as line ends.
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:
+        text = (
+            text.replace("\u2028", "\\u2028")
+            .replace("\u2029", "\\u2029")
+            .replace("\x85", "\\u0085")
+        )
+    return text
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(dumps(body).encode("utf-8"), status_code=status, media_type="application/json")
+
+
+def _logprob(value: float) -> float:
+    return max(MIN_LOGPROB, value)  # also maps NaN
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine requests of one API call
+# ---------------------------------------------------------------------------------------------
+
+
+class RequestGroup:
+    """The engine requests of one API call (one per prompt), merged into one stream of
+    `(prompt_index, RequestOutput)`.
+
+    Each engine generator is drained by its own task; `close()` cancels the tasks, which closes
+    the generators and so aborts the engine requests (freeing their KV blocks). An exception from
+    a generator (admission errors arrive first) is re-raised to the consumer.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        api_id: str,
+    ) -> None:
+        self._pending: collections.deque[tuple[int, Any]] = collections.deque()
+        self._ready = asyncio.Event()
+        self._num_open = len(prompts)
+        self._started = [False] * len(prompts)
+        seq = next(_engine_request_ids)
+        self._tasks = [
+            asyncio.create_task(
+                self._drain(i, engine.generate(prompt, params, f"{api_id}-{seq}-{i}"))
+            )
+            for i, prompt in enumerate(prompts)
+        ]
+
+    async def _drain(self, index: int, generator: AsyncIterator[RequestOutput]) -> None:
+        try:
+            try:
+                async for output in generator:
+                    self._push(index, output)
+            finally:
+                await generator.aclose()  # type: ignore[attr-defined]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._push(index, exc)
+        self._push(index, _END)
+
+    def _push(self, index: int, item: Any) -> None:
+        self._pending.append((index, item))
+        self._ready.set()
+
+    async def _next(self) -> tuple[int, Any]:
+        while not self._pending:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._pending.popleft()
+
+    async def wait_admitted(self, timeout: float) -> None:
+        """Return when each request has produced something or after `timeout`; raise its error."""
+        deadline = time.monotonic() + timeout
+        buffered = []
+        try:
+            while not all(self._started):
+                while not self._pending:
+                    self._ready.clear()
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    try:
+                        await asyncio.wait_for(self._ready.wait(), remaining)
+                    except TimeoutError:
+                        return
+                index, item = self._pending.popleft()
+                buffered.append((index, item))
+                self._started[index] = True
+                if isinstance(item, BaseException):
+                    self.close()
+                    raise item
+        finally:
+            self._pending.extendleft(reversed(buffered))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        while self._num_open:
+            index, item = await self._next()
+            if item is _END:
+                self._num_open -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-choice accumulation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    text_offset: int = 0  # characters emitted so far (completions logprobs)
+
+
+@dataclass(slots=True)
+class _Timing:
+    """Latency metrics of one API call, observed as outputs arrive."""
+
+    metrics: Metrics
+    start: float
+    last: float | None = None
+
+    def output(self, has_tokens: bool) -> None:
+        if not has_tokens:
+            return
+        now = time.perf_counter()
+        if self.last is None:
+            self.metrics.time_to_first_token.observe(now - self.start)
+        else:
+            self.metrics.inter_token_latency.observe(now - self.last)
+        self.last = now
+
+
+# ---------------------------------------------------------------------------------------------
+# Token strings for logprobs
+# ---------------------------------------------------------------------------------------------
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The inverse of byte-level BPE's byte -> printable character table."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {chr(b): b for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class TokenText:
+    """Each token's bytes and text as logprobs report them (cached per id)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        decoder = tokenizer.backend.decoder
+        self._alphabet = _byte_level_alphabet() if type(decoder).__name__ == "ByteLevel" else None
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one instance per app, ids are bounded
+    def token_bytes(self, token_id: int) -> bytes:
+        token = self._tokenizer.convert_ids_to_tokens(token_id)
+        if token is None:
+            return b""
+        if self._alphabet is not None:
+            try:
+                return bytes(self._alphabet[ch] for ch in token)
+            except KeyError:
+                return token.encode("utf-8")  # an added token outside the alphabet
+        m = _BYTE_TOKEN.match(token)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return token.replace("\u2581", " ").encode("utf-8")
+
+    def text(self, token_id: int) -> str:
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+# ---------------------------------------------------------------------------------------------
+
+
+class Serving:
+    """The OpenAI endpoints' logic over one engine."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: Metrics) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.tokenizer: Tokenizer = engine.tokenizer
+        self.max_model_len: int = engine.max_model_len
+        self.model_name = config.served_model_name or engine.model_name
+        self.model_names = list(dict.fromkeys([self.model_name, *config.model_aliases]))
+        self.created = int(time.time())
+        # Request values win over these; these win over SamplingParams' (OpenAI's) defaults.
+        server_defaults = dict(config.sampling_defaults)
+        self.default_max_tokens: int | None = server_defaults.pop("max_tokens", None)
+        self.sampling_defaults = {**(engine.generation_defaults or {}), **server_defaults}
+        self.token_text = TokenText(self.tokenizer)
+
+    # -- models -------------------------------------------------------------------------------
+
+    def resolve_model(self, name: str | None) -> str:
+        """The name to answer with; 404 for a model this server does not serve."""
+        if name is None or name == "":
+            return self.model_name
+        if name not in self.model_names:
+            raise APIError(
+                404,
+                f"The model {name!r} does not exist; this server serves: {', '.join(self.model_names)}",
+                param="model",
+                code="model_not_found",
+            )
+        return name
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "kestrel",
+            "root": self.engine.model_name,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+        }
+
+    def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_card(name) for name in self.model_names]}
+
+    # -- tokenization -------------------------------------------------------------------------
+
+    async def _off_loop(self, size: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if size <= INLINE_TOKENIZE_CHARS:
+            return fn(*args, **kwargs)
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def _chat_prompt(
+        self,
+        request: ChatCompletionRequest | TokenizeRequest,
+        add_special_tokens: bool = False,
+    ) -> list[int]:
+        assert request.messages is not None
+        messages = messages_for_template(request.messages)
+        tools = tools_for_template(request.tools)
+        kwargs = {
+            k: v
+            for k, v in (request.chat_template_kwargs or {}).items()
+            if k not in _TEMPLATE_RESERVED
+        }
+        size = sum(len(str(m.get("content") or "")) for m in messages)
+        text = await self._off_loop(
+            size,
+            self.tokenizer.apply_chat_template,
+            messages,
+            tools=tools,
+            add_generation_prompt=request.add_generation_prompt
+            and not request.continue_final_message,
+            **kwargs,
+        )
+        if request.continue_final_message:
+            text = _cut_after_final_message(text, messages)
+        return await self._off_loop(len(text), self.tokenizer.encode, text, add_special_tokens)
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.tokenizer.vocab_size
+        for token_id in ids:
+            if not 0 <= token_id < vocab:
+                raise bad_request(
+                    f"token id {token_id} is out of range [0, {vocab})",
+                    param=param,
+                    code="invalid_value",
+                )
+
+    def _check_context(
+        self, prompt_len: int, params: SamplingParams, param: str, *, max_tokens_given: bool
+    ) -> None:
+        """400 context_length_exceeded unless prompt + max_tokens fits; a max_tokens that came
+        from the defaults (not the request) is shortened to fit instead."""
+        limit = self.max_model_len
+        if not max_tokens_given and params.max_tokens is not None and prompt_len < limit:
+            params.max_tokens = min(params.max_tokens, limit - prompt_len)
+        requested = prompt_len + (params.max_tokens or 1)
+        if requested > limit:
+            max_tokens = params.max_tokens or 0
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{requested} tokens ({prompt_len} in the {param}, {max_tokens} in the completion). "
+                f"Please reduce the length of the {param} or completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    async def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
+        self.resolve_model(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise bad_request("give exactly one of prompt or messages", param="prompt")
+        if request.messages is not None:
+            ids = await self._chat_prompt(
+                request, add_special_tokens=bool(request.add_special_tokens)
+            )
+        else:
+            add_special = True if request.add_special_tokens is None else request.add_special_tokens
+            ids = await self._off_loop(
+                len(request.prompt), self.tokenizer.encode, request.prompt, add_special
+            )
+        body: dict[str, Any] = {
+            "count": len(ids),
+            "max_model_len": self.max_model_len,
+            "tokens": ids,
+        }
+        body["token_strs"] = (
+            self.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+        )
+        return body
+
+    async def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
+        self.resolve_model(request.model)
+        self._check_token_ids(request.tokens, "tokens")
+        text = await self._off_loop(
+            len(request.tokens), self.tokenizer.decode, request.tokens, skip_special_tokens=False
+        )
+        return {"prompt": text}
+
+    # -- chat ---------------------------------------------------------------------------------
+
+    async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
+        model = self.resolve_model(request.model)
+        check_chat_supported(request)
+        check_stream_options(request)
+        params = to_sampling_params(
+            request, self.sampling_defaults, default_max_tokens=self.default_max_tokens
+        )
+        prompt = await self._chat_prompt(request)
+        given = request.max_completion_tokens is not None or request.max_tokens is not None
+        self._check_context(len(prompt), params, "messages", max_tokens_given=given)
+        call = _Call(self, raw, "chatcmpl", model, [prompt], params, "messages")
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return await call.stream(self._chat_chunks(call, include_usage))
+        choices = await call.collect()
+        return json_response(
+            {
+                "id": call.api_id,
+                "object": "chat.completion",
+                "created": call.created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": "".join(c.text)},
+                        "logprobs": self._chat_logprobs(c.logprobs)
+                        if params.logprobs is not None
+                        else None,
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                    for i, c in enumerate(choices)
+                ],
+                "usage": call.usage(),
+                "system_fingerprint": None,
+            }
+        )
+
+    def _chat_logprobs(self, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
+        return {"content": [self._chat_logprob(lp) for lp in logprobs or ()], "refusal": None}
+
+    def _chat_logprob(self, lp: TokenLogprob) -> dict[str, Any]:
+        tt = self.token_text
+        raw = tt.token_bytes(lp.token_id)
+        return {
+            "token": tt.text(lp.token_id),
+            "logprob": _logprob(lp.logprob),
+            "bytes": list(raw),
+            "top_logprobs": [
+                {"token": tt.text(tid), "logprob": _logprob(v), "bytes": list(tt.token_bytes(tid))}
+                for tid, v in lp.top
+            ],
+        }
+
+    async def _chat_chunks(self, call: _Call, include_usage: bool) -> AsyncIterator[str]:
+        head = f'{{"id":{dumps(call.api_id)},"object":"chat.completion.chunk","created":{call.created},"model":{dumps(call.model)},"choices":['
+        tail = ',"usage":null}' if include_usage else "}"
+        want_logprobs = call.params.logprobs is not None
+
+        def chunk(
+            index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
+        ) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            if finish is not None:
+                choice["stop_reason"] = call.choices[index].stop_reason
+            return _sse_safe(head + dumps(choice) + "]" + tail)
+
+        for i in range(call.params.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async with contextlib.aclosing(call.deltas()) as deltas:
+            async for index, delta in deltas:
+                if delta.text or (want_logprobs and delta.logprobs):
+                    logprobs = self._chat_logprobs(delta.logprobs) if want_logprobs else None
+                    yield chunk(index, {"content": delta.text}, logprobs=logprobs)
+                if delta.finish_reason is not None:
+                    yield chunk(index, {}, finish=delta.finish_reason)
+        if include_usage:
+            yield _sse_safe(head + "]" + f',"usage":{dumps(call.usage())}}}')
+
+    # -- completions --------------------------------------------------------------------------
+
+    async def completion(self, request: CompletionRequest, raw: Request) -> Response:
+        model = self.resolve_model(request.model)
+        check_completion_supported(request)
+        check_stream_options(request)
+        params = to_sampling_params(
+            request,
+            self.sampling_defaults,
+            default_max_tokens=self.default_max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS,
+        )
+        prompts, prompt_texts = await self._completion_prompts(request)
+        longest = max(len(prompt) for prompt in prompts)
+        given = request.max_tokens is not None
+        self._check_context(longest, params, "prompt", max_tokens_given=given)
+        call = _Call(self, raw, "cmpl", model, prompts, params, "prompt")
+        echo = prompt_texts if request.echo else None
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return await call.stream(self._completion_chunks(call, include_usage, echo))
+        choices = await call.collect()
+        n = params.n
+        body_choices = []
+        for i, c in enumerate(choices):
+            prefix = echo[i // n] if echo else ""
+            text = prefix + "".join(c.text)
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs = self._completion_logprobs(c.logprobs, len(prefix))
+            body_choices.append(
+                {"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                 "stop_reason": c.stop_reason}
+            )  # fmt: skip
+        return json_response(
+            {
+                "id": call.api_id,
+                "object": "text_completion",
+                "created": call.created,
+                "model": model,
+                "choices": body_choices,
+                "usage": call.usage(),
+                "system_fingerprint": None,
+            }
+        )
+
+    async def _completion_prompts(
+        self, request: CompletionRequest
+    ) -> tuple[list[list[int]], list[str]]:
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise bad_request("prompt must not be empty", param="prompt")
+        prompts: list[list[int]] = []
+        texts: list[str] = []
+        if isinstance(prompt[0], str):
+            for text in prompt:
+                ids = await self._off_loop(
+                    len(text), self.tokenizer.encode, text, request.add_special_tokens
+                )
+                prompts.append(ids)
+                texts.append(text)
+        else:
+            prompts = [prompt] if isinstance(prompt[0], int) else prompt  # type: ignore[list-item]
+            for ids in prompts:
+                self._check_token_ids(ids, "prompt")
+            texts = (
+                [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
+                if request.echo
+                else []
+            )
+        for ids in prompts:
+            if not ids:
+                raise bad_request("prompt must not be empty (it has no tokens)", param="prompt")
+        return prompts, texts
+
+    def _completion_logprobs(
+        self, logprobs: list[TokenLogprob] | None, offset: int
+    ) -> dict[str, Any]:
+        tt = self.token_text
+        tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+        for lp in logprobs or ():
+            text = tt.text(lp.token_id)
+            tokens.append(text)
+            token_logprobs.append(_logprob(lp.logprob))
+            top_logprobs.append(
+                {tt.text(tid): _logprob(v) for tid, v in lp.top} if lp.top else None
+            )
+            text_offset.append(offset)
+            offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": text_offset,
+        }
+
+    async def _completion_chunks(
+        self, call: _Call, include_usage: bool, echo: list[str] | None
+    ) -> AsyncIterator[str]:
+        head = f'{{"id":{dumps(call.api_id)},"object":"text_completion","created":{call.created},"model":{dumps(call.model)},"choices":['
+        tail = ',"usage":null}' if include_usage else "}"
+        want_logprobs = call.params.logprobs is not None
+        n = call.params.n
+
+        def chunk(index: int, text: str, finish: str | None = None, logprobs: Any = None) -> str:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            if finish is not None:
+                choice["stop_reason"] = call.choices[index].stop_reason
+            return _sse_safe(head + dumps(choice) + "]" + tail)
+
+        if echo:
+            for i in range(len(call.choices)):
+                call.choices[i].text_offset = len(echo[i // n])
+                yield chunk(i, echo[i // n])
+        async with contextlib.aclosing(call.deltas()) as deltas:
+            async for index, delta in deltas:
+                logprobs = None
+                if want_logprobs:
+                    choice = call.choices[index]
+                    logprobs = self._completion_logprobs(delta.logprobs, choice.text_offset)
+                    choice.text_offset += sum(len(t) for t in logprobs["tokens"])
+                if (
+                    delta.text
+                    or delta.finish_reason is not None
+                    or (want_logprobs and delta.logprobs)
+                ):
+                    yield chunk(index, delta.text, delta.finish_reason, logprobs)
+        if include_usage:
+            yield _sse_safe(head + "]" + f',"usage":{dumps(call.usage())}}}')
+
+
+def _cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:
+    """The rendered conversation up to the end of the final message's content (no end-of-turn)."""
+    final = str(messages[-1].get("content") or "") if messages else ""
+    position = text.rfind(final.rstrip()) if final.strip() else -1
+    if position < 0:
+        raise bad_request(
+            "continue_final_message: the final message's content was not found in the rendered prompt",
+            param="continue_final_message",
+        )
+    return text[: position + len(final.rstrip())]
+
+
+@dataclass(slots=True)
+class _Delta:
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+
+
+class _Call:
+    """One chat or completions call: its engine requests, choices, usage, metrics and log fields."""
+
+    def __init__(
+        self,
+        serving: Serving,
+        raw: Request,
+        kind: str,
+        model: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        prompt_param: str,
+    ) -> None:
+        self.serving = serving
+        self.raw = raw
+        state = raw.scope.setdefault("state", {})
+        self.state = state
+        request_id = state.get("request_id") or ""
+        self.api_id = f"{kind}-{request_id}"
+        self.created = int(time.time())
+        self.model = model
+        self.prompts = prompts
+        self.params = params
+        self.prompt_param = prompt_param
+        self.choices = [_Choice() for _ in range(len(prompts) * params.n)]
+        self.num_prompt_tokens = sum(len(p) for p in prompts)
+        self.timing = _Timing(serving.metrics, state.get("start_time") or time.perf_counter())
+        self.group: RequestGroup | None = None
+        self._recorded = False
+        self._has_output = False
+        state["prompt_tokens"] = self.num_prompt_tokens
+
+    def _start(self) -> RequestGroup:
+        self.group = RequestGroup(self.serving.engine, self.prompts, self.params, self.api_id)
+        return self.group
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(c.num_tokens for c in self.choices)
+        return {
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.num_prompt_tokens + completion,
+        }
+
+    async def deltas(self) -> AsyncIterator[tuple[int, _Delta]]:
+        """Each choice's new text as it arrives; records metrics when the call ends."""
+        assert self.group is not None
+        n = self.params.n
+        try:
+            async for prompt_index, output in self.group:
+                if output.error:
+                    raise APIError(500, f"the engine failed the request: {output.error}",
+                                   type="server_error", code="engine_error")  # fmt: skip
+                self._has_output = True
+                self.timing.output(any(o.token_ids for o in output.outputs))
+                for out in output.outputs:
+                    index = prompt_index * n + out.index
+                    choice = self.choices[index]
+                    choice.num_tokens = max(choice.num_tokens, out.num_generated_tokens)
+                    if out.finish_reason is not None:
+                        choice.finish_reason = out.finish_reason
+                        choice.stop_reason = out.stop_reason
+                    yield index, _Delta(out.text, out.logprobs, out.finish_reason)
+            self._record(finished=True)
+        except RequestError as exc:
+            raise self._prompt_error(exc) from None
+        finally:
+            self._record(finished=False)
+            self.group.close()
+
+    def _prompt_error(self, exc: RequestError) -> APIError:
+        """An engine refusal, naming the prompt as this endpoint calls it (messages / prompt)."""
+        param = self.prompt_param if exc.param in ("prompt", "messages") else exc.param
+        return APIError(400, str(exc), param=param, code=exc.code)
+
+    def _record(self, finished: bool) -> None:
+        if self._recorded:
+            return
+        self._recorded = True
+        usage = self.usage()
+        self.state["completion_tokens"] = usage["completion_tokens"]
+        if not self._has_output:
+            return  # refused or gone before the engine did anything
+        metrics = self.serving.metrics
+        metrics.prompt_tokens.inc(usage["prompt_tokens"])
+        metrics.generation_tokens.inc(usage["completion_tokens"])
+        if finished:
+            metrics.e2e_latency.observe(time.perf_counter() - self.timing.start)
+            for choice in self.choices:
+                metrics.finished.labels(choice.finish_reason or "unknown").inc()
+
+    async def collect(self) -> list[_Choice]:
+        """Run to completion; abort if the client disconnects first."""
+        self._start()
+
+        async def run() -> None:
+            async with contextlib.aclosing(self.deltas()) as deltas:
+                async for index, delta in deltas:
+                    choice = self.choices[index]
+                    if delta.text:
+                        choice.text.append(delta.text)
+                    if delta.logprobs:
+                        choice.logprobs.extend(delta.logprobs)
+
+        work = asyncio.create_task(run())
+        watch = asyncio.create_task(_wait_for_disconnect(self.raw))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+        if not work.done() or work.cancelled():
+            try:
+                await work
+            except asyncio.CancelledError:
+                pass
+            raise ClientDisconnected()
+        work.result()  # re-raises the call's error
+        return self.choices
+
+    async def stream(self, chunks: AsyncGenerator[str, None]) -> Response:
+        """An SSE response of `chunks`, started once the engine admitted the requests."""
+        group = self._start()
+        try:
+            await group.wait_admitted(ADMISSION_WAIT)
+        except RequestError as exc:
+            raise self._prompt_error(exc) from None
+        except BaseException:
+            group.close()
+            raise
+        config = self.serving.config
+        return EventSourceResponse(
+            _with_error_and_done(chunks, group, config.retry_after),
+            ping=config.sse_ping_interval,
+            sep="\n",
+            ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
+            headers={"Cache-Control": "no-cache"},
+        )
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response was ready."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _with_error_and_done(
+    chunks: AsyncGenerator[str, None], group: RequestGroup, retry_after: int
+) -> AsyncIterator[str]:
+    """SSE data lines: the chunks, an in-band error if one occurs, then [DONE]."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        error = from_exception(exc, retry_after=retry_after)
+        if error.status >= 500:
+            logger.error("stream failed: %s", exc, exc_info=not isinstance(exc, APIError))
+        yield dumps(error.body())
+    finally:
+        group.close()
+        await chunks.aclose()  # runs the call's bookkeeping now, not when garbage-collected
+    yield "[DONE]"
