@@ -202,3 +202,35 @@ def _empty_at(index: int):
     from engine.llm import Completion
 
     return Completion(index)
+
+
+def _stream_text(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> tuple[list[str], str | None]:
+    engine.add_request("stream", prompt, params)
+    deltas, reason = [], None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            for delta in output.outputs:
+                deltas.append(delta.text)
+                reason = delta.finish_reason or reason
+    return deltas, reason
+
+
+@pytest.mark.parametrize("where", ["across tokens", "inside a token", "several stops"])
+def test_stop_strings_are_trimmed_and_never_streamed(real_setup, where):
+    llm, prompts, expected = real_setup
+    text = llm.tokenizer.decode(expected[3])
+    pieces = [llm.tokenizer.decode([t]) for t in expected[3]]
+    if where == "across tokens":  # the end of one token and the start of the next two
+        start = len("".join(pieces[:6])) - 2
+        stops = [text[start : start + len(pieces[6]) + len(pieces[7]) + 2]]
+    elif where == "inside a token":  # two letters from the middle of one word
+        token = next(p for p in pieces[5:] if len(p.strip()) >= 4)
+        at = text.index(token, len("".join(pieces[:5]))) + 2
+        stops = [text[at : at + 2]]
+    else:  # the earliest match wins, whatever the order of the list
+        stops = [text[40:46], text[25:30], "never appears in the output"]
+    deltas, reason = _stream_text(llm.engine, prompts[3], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop=stops))
+    cut = min(text.index(s) for s in stops if s in text)
+    # Deltas only ever append, so if they join to the trimmed text no part of a stop was sent.
+    assert "".join(deltas) == text[:cut]
+    assert reason == "stop"

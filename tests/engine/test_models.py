@@ -127,3 +127,17 @@ def test_unknown_rope_type_is_named(tiny_llama):
     (tiny_llama / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="unsupported rope type 'yarn'"):
         ModelConfig.from_pretrained(tiny_llama)
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
+    import transformers
+
+    single = write_tiny_checkpoint(tmp_path / "single", "llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(single)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    sharded = tmp_path / "sharded"
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    a = load_model(single, dtype=torch.float32).state_dict()
+    b = load_model(sharded, dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
