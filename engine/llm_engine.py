@@ -142,9 +142,7 @@ class LLMEngine:
         request = Request(request_id, list(prompt_token_ids), params, arrival_time or time.monotonic())
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request, index, list(prompt_token_ids))
-            seq.detokenizer = IncrementalDetokenizer(
-                self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens
-            )
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
             if params.seed is not None:
                 seq.generator = torch.Generator().manual_seed((params.seed + index) & (2**64 - 1))
             request.sequences.append(seq)

@@ -17,9 +17,8 @@ def check_token_stop(seq: Sequence, eos_token_ids: frozenset[int], max_model_len
         if token in params.stop_token_ids:
             seq.finish(FinishReason.STOP, token)
             return
-    if params.max_tokens is not None and num_generated >= params.max_tokens:
-        seq.finish(FinishReason.LENGTH)
-    elif len(seq.token_ids) >= max_model_len:
+    reached_max_tokens = params.max_tokens is not None and num_generated >= params.max_tokens
+    if reached_max_tokens or len(seq.token_ids) >= max_model_len:
         seq.finish(FinishReason.LENGTH)
 
 

@@ -432,16 +432,10 @@ class IncrementalDetokenizer:
     _MAX_WINDOW = 16
     _CONTEXT = 4
 
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        prompt_token_ids: list[int] | None = None,
-        skip_special_tokens: bool = True,
-    ) -> None:
-        # NOTE: prompt_token_ids is deliberately not used as decoding context: the target text
-        # is decode(generated_ids) alone, and a prompt prefix would keep a leading space that
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        # NOTE: the prompt is deliberately not used as decoding context: the target text is
+        # decode(generated_ids) alone, and a prompt prefix would keep a leading space that
         # Metaspace/Strip decoders drop from the first generated token.
-        del prompt_token_ids
         self._tokenizer = tokenizer
         self._backend = tokenizer.backend
         self._skip_ids = tokenizer.skip_special_ids if skip_special_tokens else frozenset()

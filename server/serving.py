@@ -750,10 +750,8 @@ class _Call:
             if not work.done():
                 work.cancel()
         if not work.done() or work.cancelled():
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await work
-            except asyncio.CancelledError:
-                pass
             raise ClientDisconnected()
         work.result()  # re-raises the call's error
         return self.choices

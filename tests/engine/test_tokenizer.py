@@ -377,7 +377,7 @@ STREAM_TEXT = (
 def stream(
     tok: Tokenizer, ids: list[int], chunk_sizes: list[int] | None = None, skip: bool = True
 ) -> tuple[list[str], str, IncrementalDetokenizer]:
-    detok = IncrementalDetokenizer(tok, prompt_token_ids=[1, 2, 3], skip_special_tokens=skip)
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=skip)
     deltas = []
     pos = 0
     sizes = iter(chunk_sizes or [])
@@ -461,9 +461,8 @@ def test_detokenizer_random_ids(model_dir: Path, skip: bool) -> None:
 
 def test_detokenizer_matches_decode_of_completion_alone(model_dir: Path) -> None:
     tok = load_ours(model_dir)
-    prompt = tok.encode_chat([{"role": "user", "content": "Say hi"}])
     completion = tok.encode(" Hi there!", add_special_tokens=False)
-    detok = IncrementalDetokenizer(tok, prompt_token_ids=prompt)
+    detok = IncrementalDetokenizer(tok)
     assert "".join(detok.step([i]) for i in completion) + detok.flush() == tok.decode(completion)
 
 
