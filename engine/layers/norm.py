@@ -12,4 +12,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # NOTE: normalise in float32 and round to the model dtype before scaling, as the
+        # reference implementation does; scaling in float32 first shifts bf16 logits enough to
+        # change greedy answers.
+        normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
+        return self.weight * normed.to(x.dtype)
