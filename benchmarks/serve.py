@@ -9,8 +9,10 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -319,8 +321,9 @@ async def run_level(target: Target, plan: Plan, level: Level) -> dict[str, Any]:
 
 
 async def warm_up(target: Target, plan: Plan) -> str | None:
-    """Unmeasured requests first: transformers' continuous batching initialises itself on its first
-    request (from that request's generation config, hence the run's own max_tokens)."""
+    """Unmeasured requests first, one at a time. First-time costs are large: transformers'
+    continuous batching initialises itself on its first request (from that request's generation
+    config, hence the run's own max_tokens), and first calls of new shapes are slow."""
     conversations = plan.prompts.conversations
     async with make_client(1, plan.startup_timeout) as client:
         for i in range(plan.num_warmup):
@@ -454,12 +457,16 @@ def fmt(value: Any, digits: int) -> str:
 
 
 def server_table(server: dict[str, Any]) -> str:
-    title = f"== {server['name']}  {server['url']}  model={server['model']} =="
+    title = f"== {server['name']}  {server['url']}  model={server['model'] or '?'} =="
     if server.get("start_error"):
         return f"{title}\nfailed to start: {server['start_error']}"
     levels = server["levels"]
     rows = [(label, [fmt(lookup(lv, path), d) for lv in levels]) for label, path, d in TABLE_ROWS]
     lines = [title, format_table("", [lv["label"] for lv in levels], rows)]
+    loads = "  ".join(
+        f"{lv['label']} {lv['loadavg_1m'][0]:.1f}->{lv['loadavg_1m'][1]:.1f}" for lv in levels
+    )
+    lines.append(f"load average (1 min, whole machine) before->after: {loads}")
     if server["warmup_error"]:
         lines.append(f"warm-up failed: {server['warmup_error']}")
     lines += [
@@ -506,11 +513,14 @@ def normalize_url(url: str) -> str:
 def resolve_model_dir(name_or_dir: str) -> Path:
     """A Hugging Face directory for a catalogue name (fetched on first use) or a directory."""
     try:
-        from engine.assets import resolve_model
+        from engine.assets import AssetError, resolve_model
     except ImportError:  # running from a checkout without `pip install -e .`
         sys.path.insert(0, str(REPO_ROOT))
-        from engine.assets import resolve_model
-    return resolve_model(name_or_dir).resolve()
+        from engine.assets import AssetError, resolve_model
+    try:
+        return resolve_model(name_or_dir).resolve()
+    except AssetError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def benchmark_target(
@@ -521,10 +531,18 @@ def benchmark_target(
     if server is not None:
         report.update(command=shlex.join(server.command), log=str(server.log_path))
     report["warmup_error"] = asyncio.run(warm_up(target, plan))
-    report["levels"] = [asyncio.run(run_level(target, plan, level)) for level in plan.levels]
+    report["levels"] = [measure_level(target, plan, level) for level in plan.levels]
     if server is not None:
         report["exit_code"] = server.exit_code()  # not None: it died during the run
     return report
+
+
+def measure_level(target: Target, plan: Plan, level: Level) -> dict[str, Any]:
+    """One level's figures, with the 1-minute load average around it: the machine may be shared."""
+    before = os.getloadavg()[0]
+    figures = asyncio.run(run_level(target, plan, level))
+    figures["loadavg_1m"] = [round(before, 2), round(os.getloadavg()[0], 2)]
+    return figures
 
 
 def launch_and_benchmark(
@@ -551,10 +569,16 @@ def launch_and_benchmark(
             "url": url,
             "model": model,
             "levels": [],
-            "start_error": str(exc).splitlines()[0],
+            "start_error": first_and_last_line(str(exc)),
             "command": shlex.join(command),
             "log": str(log_dir / f"{name}-{port}.log"),
         }
+
+
+def first_and_last_line(text: str) -> str:
+    """`text` on one line: its first line and, for a log tail, its last (usually the error)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ... ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else "".join(lines)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -571,11 +595,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.startup_timeout,
     )
     model_dir = resolve_model_dir(args.model) if args.peer else None
-    log_dir = Path(tempfile.mkdtemp(prefix="kestrel-bench-"))
-    if args.url:
-        url = normalize_url(args.url)
-        model = args.served_model or served_model(url, args.api_key)
-        servers = [benchmark_target(Target(args.name, url, model, args.api_key), plan)]
+    target = url_target(args) if args.url else None
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="kestrel-bench-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if target is not None:
+        servers = [benchmark_target(target, plan)]
     else:
         port = free_port()
         extra = shlex.split(args.server_args)
@@ -601,7 +625,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         model = peer_model_name(model_dir)
         servers.append(launch_and_benchmark(args.peer, command, port, plan, log_dir, model=model))
+    is_empty = not any(log_dir.iterdir())  # nothing launched (--url)
+    if not args.log_dir and (is_empty or not any(has_trouble(server) for server in servers)):
+        shutil.rmtree(log_dir, ignore_errors=True)
+        for server in servers:
+            server.pop("log", None)
     return build_report(args, prompts, servers)
+
+
+def url_target(args: argparse.Namespace) -> Target:
+    url = normalize_url(args.url)
+    try:
+        model = args.served_model or served_model(url, args.api_key)
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        raise SystemExit(f"cannot list the models of {url} ({exc}); pass --served-model") from None
+    return Target(args.name, url, model, args.api_key)
+
+
+def has_trouble(server: dict[str, Any]) -> bool:
+    """Whether a server's log is worth keeping: it failed to start, died, or answered errors."""
+    return bool(
+        server.get("start_error")
+        or server.get("warmup_error")
+        or server.get("exit_code") is not None
+        or any(level["errors"] for level in server["levels"])
+    )
 
 
 def build_report(
@@ -657,6 +705,9 @@ def print_report(report: dict[str, Any]) -> None:
     if "ratios" in report:
         ours, peer = report["servers"]
         print("\n" + ratio_table(ours, peer, report["ratios"]["levels"]))
+    logs = [server["log"] for server in report["servers"] if server.get("log")]
+    if logs:
+        print("\nserver logs: " + "  ".join(logs))
     sys.stdout.flush()
 
 
@@ -738,13 +789,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--peer-args", default="", help="extra flags for the peer, one string")
     p.add_argument(
-        "--num-warmup", type=int, default=1, help="unmeasured requests per server (default: 1)"
+        "--num-warmup",
+        type=int,
+        default=4,
+        help="unmeasured requests per server, one at a time, from the start of the prompt set "
+        "(default: 4, which includes a long document)",
     )
     p.add_argument(
         "--startup-timeout", type=float, default=600.0, help="seconds to wait for /health"
     )
     p.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds allowed per request"
+    )
+    p.add_argument(
+        "--log-dir",
+        help="keep the launched servers' logs here (default: a temporary directory, "
+        "deleted at the end unless something failed)",
     )
     p.add_argument("--prompts", type=Path, default=PROMPT_SET, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
