@@ -34,7 +34,7 @@ def load_conversations(n: int) -> list[list[dict]]:
 def run_kestrel(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     runner, bm = engine.runner, engine.block_manager
-    runner.num_rect_kv_slots = runner.num_real_kv_slots = 0
+    runner.num_kv_slots_read = runner.num_kv_slots_used = 0
     allocated = used = 0
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
@@ -51,7 +51,7 @@ def run_kestrel(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) ->
         "seconds": elapsed,
         "tokens_per_s": num_tokens / elapsed,
         "kv_wasted_share": 1 - used / allocated if allocated else 0.0,
-        "padded_share": 1 - runner.num_real_kv_slots / max(runner.num_rect_kv_slots, 1),
+        "padded_share": 1 - runner.num_kv_slots_used / max(runner.num_kv_slots_read, 1),
     }
 
 

@@ -19,8 +19,8 @@ class ModelRunner:
         self.block_manager = block_manager
         self.device = device
         # Rectangular-batch accounting for the benchmarks: key slots read vs. real context tokens.
-        self.num_rect_kv_slots = 0
-        self.num_real_kv_slots = 0
+        self.num_kv_slots_read = 0
+        self.num_kv_slots_used = 0
 
     def execute(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns float32 logits [num_sampled, vocab] and the indices (into
@@ -40,11 +40,11 @@ class ModelRunner:
             if start + n == len(seq.token_ids):
                 sample_rows.append(row)
                 sampled.append(i)
-        self._count_padding(computed, new)
-
         positions, meta = build_attention_metadata(
             tables, computed, new, self.block_manager.block_size, self.device
         )
+        self.num_kv_slots_read += meta.num_kv_slots_read
+        self.num_kv_slots_used += meta.num_kv_slots_used
         ids = torch.tensor(input_ids, device=self.device)
         hidden = self.model(ids, positions, self.kv_caches, meta)  # [num_tokens, hidden_size]
         if not sample_rows:
@@ -60,15 +60,3 @@ class ModelRunner:
         for k_cache, v_cache in self.kv_caches:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
-
-    def _count_padding(self, computed: list[int], new: list[int]) -> None:
-        kv_lens = [c + n for c, n in zip(computed, new)]
-        decodes = [k for k, n in zip(kv_lens, new) if n == 1]
-        prefills = [(k, n) for k, n in zip(kv_lens, new) if n > 1]
-        if decodes:
-            self.num_rect_kv_slots += len(decodes) * max(decodes)
-        if prefills:
-            max_q = max(n for _, n in prefills)
-            self.num_rect_kv_slots += len(prefills) * max_q * max(k for k, _ in prefills)
-            self.num_real_kv_slots += sum(n * k for k, n in prefills)
-        self.num_real_kv_slots += sum(decodes)

@@ -18,7 +18,7 @@ class ScheduledSequence:
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    scheduled: list[ScheduledSequence]  # one-token entries first, then multi-token prefill chunks
+    scheduled: list[ScheduledSequence]  # one-token entries first, then prefill chunks; longest first
     preempted: list[Sequence] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # outgrew the whole KV pool
 
@@ -107,7 +107,11 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
 
-        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+        # Decodes first, then prefill chunks, each longest context first: attention reads
+        # neighbours of similar length as one rectangle (see engine/layers/attention.py).
+        out.scheduled.sort(
+            key=lambda s: (s.num_new_tokens != 1, -(s.seq.num_computed_tokens + s.num_new_tokens))
+        )
         return out
 
     def _preempt(self, seq: Sequence) -> None:

@@ -1,0 +1,65 @@
+"""Paged attention against plain per-sequence causal attention, and its grouping of rectangles."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.layers.attention import build_attention_metadata, paged_attention
+
+BLOCK = 4
+HEADS, KV_HEADS, DIM = 4, 2, 8
+
+
+def reference(q_all, k_all, v_all, scale):
+    """Causal attention of one sequence's last len(q_all) tokens over all its tokens."""
+    num_new = q_all.shape[0]
+    k = k_all.repeat_interleave(HEADS // KV_HEADS, 1).transpose(0, 1)  # [heads, kv_len, dim]
+    v = v_all.repeat_interleave(HEADS // KV_HEADS, 1).transpose(0, 1)
+    kv_len = k.shape[1]
+    mask = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - num_new, kv_len)[:, None]
+    out = F.scaled_dot_product_attention(q_all.transpose(0, 1), k, v, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+def test_mixed_step_matches_per_sequence_attention():
+    torch.manual_seed(0)
+    # (tokens already cached, new tokens): decodes of very different lengths, then prefills
+    # (one fresh, one chunk continuing a cached prefix).
+    seqs = [(300, 1), (3, 1), (2, 1), (0, 9), (5, 3)]
+    tables, next_block = [], 0
+    for cached, new in seqs:
+        n = -(-(cached + new) // BLOCK)
+        tables.append(list(range(next_block + n - 1, next_block - 1, -1)))  # scattered order
+        next_block += n
+    k_cache = torch.zeros(next_block, BLOCK, KV_HEADS, DIM)
+    v_cache = torch.zeros_like(k_cache)
+    full_k = [torch.randn(c + n, KV_HEADS, DIM) for c, n in seqs]
+    full_v = [torch.randn(c + n, KV_HEADS, DIM) for c, n in seqs]
+    for (cached, _), table, k, v in zip(seqs, tables, full_k, full_v):  # the cached prefixes
+        for pos in range(cached):
+            k_cache[table[pos // BLOCK], pos % BLOCK] = k[pos]
+            v_cache[table[pos // BLOCK], pos % BLOCK] = v[pos]
+    positions, meta = build_attention_metadata(
+        tables, [c for c, _ in seqs], [n for _, n in seqs], BLOCK
+    )
+    assert len(meta.groups) == 3  # the 301-token decode apart from the short ones; prefills
+    q = torch.randn(sum(n for _, n in seqs), HEADS, DIM)
+    new_k = torch.cat([k[c:] for (c, _), k in zip(seqs, full_k)])
+    new_v = torch.cat([v[c:] for (c, _), v in zip(seqs, full_v)])
+    out = paged_attention(q, new_k, new_v, (k_cache, v_cache), meta, scale=0.3)
+    row = 0
+    for (cached, new), k, v in zip(seqs, full_k, full_v):
+        want = reference(q[row : row + new], k, v, 0.3)
+        torch.testing.assert_close(out[row : row + new], want, atol=1e-5, rtol=1e-5)
+        assert positions[row : row + new].tolist() == list(range(cached, cached + new))
+        row += new
+    assert meta.num_kv_slots_used == sum(c + n for c, n in seqs)
+    assert meta.num_kv_slots_read == 301 + 2 * 4 + 2 * 9  # three rectangles, padding included
+
+
+def test_similar_lengths_share_one_rectangle():
+    tables = [[i] * 10 for i in range(6)]
+    _, meta = build_attention_metadata(tables, [30, 29, 28, 27, 26, 25], [1] * 6, BLOCK)
+    assert len(meta.groups) == 1
+    assert meta.groups[0].kv_slots.shape == (6, 31)
