@@ -107,10 +107,15 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
 
-        # Decodes first, then prefill chunks, each longest context first: attention reads
-        # neighbours of similar length as one rectangle (see engine/layers/attention.py).
+        # Decodes, then chunks continuing a cached prefix, then fresh prompts; each longest
+        # context first, so attention reads neighbours of similar length as one rectangle
+        # (see engine/layers/attention.py).
         out.scheduled.sort(
-            key=lambda s: (s.num_new_tokens != 1, -(s.seq.num_computed_tokens + s.num_new_tokens))
+            key=lambda s: (
+                s.num_new_tokens != 1,
+                s.seq.num_computed_tokens == 0,
+                -(s.seq.num_computed_tokens + s.num_new_tokens),
+            )
         )
         return out
 

@@ -24,23 +24,25 @@ import torch.nn.functional as F
 KVCache = tuple[torch.Tensor, torch.Tensor]  # K and V, [num_blocks, block_size, num_kv_heads, head_dim]
 
 
-# Splitting a rectangle in two costs a group's fixed overhead (a gather and an attention call
-# per layer, ~40 us); it pays when it saves more padded reads than that. In decode groups the
-# unit is one key slot (gather + attention ~90 ns), in prefill groups one query-key pair.
+# Splitting a decode rectangle in two costs a group's fixed overhead (a gather and an attention
+# call per layer, ~40 us); it pays when it saves more padded key slots (~90 ns each) than that.
 DECODE_GROUP_COST = 512
-PREFILL_GROUP_COST = 4096
 
 
 @dataclass(slots=True)
 class AttentionGroup:
-    """Sequences read as one left-padded rectangle: rows [start, end) of the step's tokens."""
+    """Sequences read as one left-padded rectangle: rows [start, end) of the step's tokens.
+
+    A whole prompt with nothing cached (`kv_slots` None) attends to its own new keys with a
+    plain causal mask instead: no gather, and the kernel skips the masked half.
+    """
 
     start: int
     end: int
     max_query_len: int  # 1 for a group of decodes
     query_rows: torch.Tensor | None  # [end - start] row of each token in [num_seqs * max_query_len]
-    kv_slots: torch.Tensor  # [num_seqs, max_kv_len]
-    mask: torch.Tensor  # [num_seqs, 1, max_query_len, max_kv_len] bool
+    kv_slots: torch.Tensor | None  # [num_seqs, max_kv_len]
+    mask: torch.Tensor | None  # [num_seqs, 1, max_query_len, max_kv_len] bool
 
 
 @dataclass(slots=True)
@@ -88,12 +90,16 @@ def build_attention_metadata(
     kv_len_list = [c + n for c, n in zip(num_computed_tokens, num_new_tokens)]
     starts = token_starts.tolist()
     groups, num_read = [], 0
-    for first, last in _split(kv_len_list, num_new_tokens, num_decodes):
+    for first, last in _split(num_computed_tokens, num_new_tokens, num_decodes):
         group_new = new[first:last]
-        kv_slots, valid = _context_slots(tables[first:last], kv_lens[first:last], block_size)
-        num_read += kv_slots.numel()
         start = starts[first]
         end = start + int(group_new.sum())
+        if first >= num_decodes and num_computed_tokens[first] == 0:  # a fresh prompt, alone
+            groups.append(AttentionGroup(start, end, end - start, None, None, None))
+            num_read += end - start
+            continue
+        kv_slots, valid = _context_slots(tables[first:last], kv_lens[first:last], block_size)
+        num_read += kv_slots.numel()
         if first < num_decodes:
             group = AttentionGroup(start, end, 1, None, kv_slots, valid[:, None, None, :])
         else:
@@ -111,23 +117,40 @@ def build_attention_metadata(
     return positions.to(device), meta
 
 
-def _split(kv_lens: list[int], num_new: list[int], num_decodes: int) -> list[tuple[int, int]]:
-    """[first, last) sequence ranges sharing a rectangle: decodes and prefills apart, and a new
-    range where the padding the rest would carry outweighs a group's fixed cost."""
+def _split(
+    num_computed: list[int], num_new: list[int], num_decodes: int
+) -> list[tuple[int, int]]:
+    """[first, last) sequence ranges, each read as one rectangle (or one fresh prompt).
+
+    Decodes, ordered longest first, share a rectangle until the context length halves and the
+    padding the rest would carry outweighs a group's fixed cost, so there are at most ~log2 of
+    them. A prompt with nothing cached is a range of its own; chunks continuing a cached
+    prefix share one rectangle.
+    """
     ranges = []
-    for lo, hi, cost in ((0, num_decodes, DECODE_GROUP_COST), (num_decodes, len(kv_lens), PREFILL_GROUP_COST)):
-        first = lo
-        max_q = max_kv = 0
-        for i in range(lo, hi):
-            if i > first:
-                padding_each = max_q * max_kv - num_new[i] * kv_lens[i]
-                if padding_each * (hi - i) > cost:
-                    ranges.append((first, i))
-                    first, max_q, max_kv = i, 0, 0
-            max_q, max_kv = max(max_q, num_new[i]), max(max_kv, kv_lens[i])
-        if hi > lo:
-            ranges.append((first, hi))
-    return ranges
+    first, max_kv = 0, 0
+    for i in range(num_decodes):
+        kv_len = num_computed[i] + 1
+        if i > first and 2 * kv_len < max_kv and (max_kv - kv_len) * (num_decodes - i) > DECODE_GROUP_COST:
+            ranges.append((first, i))
+            first, max_kv = i, 0
+        max_kv = max(max_kv, kv_len)
+    if num_decodes:
+        ranges.append((first, num_decodes))
+    chunks = [i for i in range(num_decodes, len(num_new)) if num_computed[i]]
+    ranges += [(i, i + 1) for i in range(num_decodes, len(num_new)) if not num_computed[i]]
+    ranges += _contiguous_runs(chunks)
+    return sorted(ranges)
+
+
+def _contiguous_runs(indices: list[int]) -> list[tuple[int, int]]:
+    runs = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def _prefill_group(
@@ -180,6 +203,18 @@ def gather_slots(flat: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return picked.view(*slots.shape, num_kv_heads, head_dim).transpose(1, 2)
 
 
+def _fresh_prompt_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: AttentionGroup, scale: float
+) -> torch.Tensor:
+    """Causal attention of one whole prompt over its own keys, [prompt_len, num_heads, head_dim]."""
+    rows = slice(group.start, group.end)
+    qg = q[rows].transpose(0, 1).unsqueeze(0)  # [1, num_heads, prompt_len, head_dim]
+    kg = k[rows].transpose(0, 1).unsqueeze(0)  # [1, num_kv_heads, prompt_len, head_dim]
+    vg = v[rows].transpose(0, 1).unsqueeze(0)
+    out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -203,6 +238,9 @@ def paged_attention(
 
     outputs = []
     for group in meta.groups:
+        if group.kv_slots is None:
+            outputs.append(_fresh_prompt_attention(q, k, v, group, scale))
+            continue
         num_seqs = group.kv_slots.shape[0]
         k_rect = gather_slots(k_flat, group.kv_slots)  # [num_seqs, num_kv_heads, max_kv_len, head_dim]
         v_rect = gather_slots(v_flat, group.kv_slots)

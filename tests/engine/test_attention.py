@@ -25,8 +25,8 @@ def reference(q_all, k_all, v_all, scale):
 def test_mixed_step_matches_per_sequence_attention():
     torch.manual_seed(0)
     # (tokens already cached, new tokens): decodes of very different lengths, then prefills
-    # (one fresh, one chunk continuing a cached prefix).
-    seqs = [(300, 1), (3, 1), (2, 1), (0, 9), (5, 3)]
+    # (a chunk continuing a cached prefix, and a fresh prompt).
+    seqs = [(300, 1), (3, 1), (2, 1), (5, 3), (0, 9)]
     tables, next_block = [], 0
     for cached, new in seqs:
         n = -(-(cached + new) // BLOCK)
@@ -43,7 +43,7 @@ def test_mixed_step_matches_per_sequence_attention():
     positions, meta = build_attention_metadata(
         tables, [c for c, _ in seqs], [n for _, n in seqs], BLOCK
     )
-    assert len(meta.groups) == 3  # the 301-token decode apart from the short ones; prefills
+    assert len(meta.groups) == 4  # the 301-token decode apart from the short ones; 2 prefills
     q = torch.randn(sum(n for _, n in seqs), HEADS, DIM)
     new_k = torch.cat([k[c:] for (c, _), k in zip(seqs, full_k)])
     new_v = torch.cat([v[c:] for (c, _), v in zip(seqs, full_v)])
@@ -55,7 +55,8 @@ def test_mixed_step_matches_per_sequence_attention():
         assert positions[row : row + new].tolist() == list(range(cached, cached + new))
         row += new
     assert meta.num_kv_slots_used == sum(c + n for c, n in seqs)
-    assert meta.num_kv_slots_read == 301 + 2 * 4 + 2 * 9  # three rectangles, padding included
+    assert meta.groups[-1].kv_slots is None  # the fresh prompt reads its own new keys
+    assert meta.num_kv_slots_read == 301 + 2 * 4 + 8 + 9  # padding included
 
 
 def test_similar_lengths_share_one_rectangle():
