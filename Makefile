@@ -14,7 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e .
+	# The convert extra (transformers, gguf) turns the catalogue's GGUF files into Hugging Face
+	# directories on first use; the server itself never imports it.
+	$(PY) -m pip install -q -e '.[convert]'
 	touch $@
 
 install-dev: $(VENV)/.installed-dev
