@@ -6,16 +6,16 @@ TORCH ?= torch==2.13.0
 MODEL ?= smollm2-135m-instruct
 ARGS ?=
 
-.PHONY: install install-dev serve test lint bench
+.PHONY: install install-dev serve test lint
 
+# The convert extra (transformers, gguf) turns the catalogue's GGUF files into Hugging Face
+# directories on first use; the server itself never imports it.
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	# The convert extra (transformers, gguf) turns the catalogue's GGUF files into Hugging Face
-	# directories on first use; the server itself never imports it.
 	$(PY) -m pip install -q -e '.[convert]'
 	touch $@
 
