@@ -23,9 +23,14 @@ class AsyncEngine:
 
     The event loop never runs model code, so a long prefill cannot stall it. Leaving a
     `generate` iterator early (break, cancellation, client disconnect) aborts the request.
+
+    NOTE: on CPU, oneDNN's bf16 kernels run ~2x slower when called from a thread other than
+    the process's main thread (measured with torch 2.13 / libgomp). A server should therefore
+    create the engine with `own_thread=False`, serve HTTP from another thread, and give the
+    main thread to `run_forever()`; by default `start()` spawns an engine thread.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, own_thread: bool = True) -> None:
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.model_name = self.engine.model_name
@@ -36,7 +41,10 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._not_started: set[str] = set()  # requests that have produced no output yet
+        self._own_thread = own_thread
         self._thread: threading.Thread | None = None
+        self._loop_ready = threading.Event()
+        self._stopped = threading.Event()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats = self.engine.stats()
@@ -44,19 +52,33 @@ class AsyncEngine:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Called from the event loop: the engine loop starts (its own thread, or run_forever's)."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="kestrel-engine", daemon=True)
-        self._thread.start()
+        if self._own_thread:
+            self._thread = threading.Thread(target=self._run, name="kestrel-engine", daemon=True)
+            self._thread.start()
+        self._loop_ready.set()
+
+    def run_forever(self, alongside: threading.Thread) -> None:
+        """Run the engine loop in the calling thread until shutdown, or until `alongside` (the
+        thread serving the event loop) ends without having started the engine."""
+        while not self._loop_ready.wait(0.2):
+            if not alongside.is_alive():
+                return
+        self._thread = threading.current_thread()
+        self._run(alongside)
 
     async def shutdown(self) -> None:
         self._stopping = True
         self._wakeup.set()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
+            await asyncio.to_thread(self._stopped.wait, 10)
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return (
+            self._thread is not None and not self._stopped.is_set() and not self._stopping
+        )
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -96,9 +118,9 @@ class AsyncEngine:
 
     # -- engine thread ----------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, alongside: threading.Thread | None = None) -> None:
         try:
-            while not self._stopping:
+            while not self._stopping and (alongside is None or alongside.is_alive()):
                 self._apply_commands()
                 if not self.engine.has_unfinished_requests():
                     self._stats = self.engine.stats()
@@ -114,6 +136,7 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._fail_all, "the engine loop stopped unexpectedly")
         finally:
             self._stopping = True
+            self._stopped.set()
 
     def _apply_commands(self) -> None:
         outputs = []

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 import uvicorn
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engine import AsyncEngine
 
     try:
-        engine = AsyncEngine(engine_config)
+        engine = AsyncEngine(engine_config, own_thread=False)
     except Exception as exc:  # an unknown model, a bad directory, an unsupported architecture
         logger.debug("engine failed to start", exc_info=True)
         print(f"kestrel: cannot load model {engine_config.model!r}: {exc}", file=sys.stderr)
@@ -53,11 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             lifespan="on",
         )
     )
-    # NOTE: uvicorn re-raises the signal that stopped it once it has shut down gracefully; with
-    # these no-op handlers in place that re-raise is harmless and a drained SIGTERM exits 0.
+    # HTTP runs on a second thread and the engine loop on this one, where the CPU kernels are
+    # fastest (see AsyncEngine). uvicorn installs no signal handlers off the main thread, so a
+    # SIGTERM / SIGINT here asks it to shut down gracefully: stop accepting, drain, then stop
+    # the engine through the app's lifespan.
+    def request_shutdown(*_: object) -> None:
+        server.should_exit = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    server.run()
+        signal.signal(sig, request_shutdown)
+    http = threading.Thread(target=server.run, name="kestrel-http")
+    http.start()
+    engine.run_forever(alongside=http)
+    http.join()
     return 0 if server.started else 1
 
 
