@@ -273,7 +273,7 @@ class LLMEngine:
         if end > seq.num_emitted_chars:
             text = seq.output_text[seq.num_emitted_chars : end]
             seq.num_emitted_chars = end
-        new_tokens = seq.generated_token_ids[seq.num_emitted_tokens :]
+        new_tokens = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted_tokens :]
         logprobs = seq.logprobs[seq.num_emitted_tokens :] if params.logprobs is not None else None
         seq.num_emitted_tokens += len(new_tokens)
         return CompletionOutput(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import LLM, CacheConfig, EngineConfig, LLMEngine, SamplingParams
-from engine.llm import GenerationResult, accumulate
+from engine.llm import Completion, GenerationResult, accumulate
 from tests.conftest import write_tiny_checkpoint
 
 MAX_TOKENS = 24
@@ -48,18 +48,12 @@ def run_staggered(engine: LLMEngine, prompts, params, joins_every: int = 3) -> l
     while pending or engine.has_unfinished_requests():
         if pending and step % joins_every == 0:
             i, prompt = pending.pop(0)
-            results[str(i)] = GenerationResult(str(i), prompt, [dataclasses.replace(_empty())])
+            results[str(i)] = GenerationResult(str(i), prompt, [Completion(0)])
             engine.add_request(str(i), prompt, params)
         for output in engine.step():
             accumulate(results[output.request_id], output)
         step += 1
     return [results[str(i)].completions[0].token_ids for i in range(len(prompts))]
-
-
-def _empty():
-    from engine.llm import Completion
-
-    return Completion(0)
 
 
 def generate_each(llm: LLM, prompts, params) -> list[list[int]]:
@@ -183,7 +177,7 @@ def test_greedy_siblings_share_the_prompt_and_match_a_single_sequence(tmp_path, 
     single = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     engine = llm.engine
     engine.add_request("n3", prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=3))
-    result = GenerationResult("n3", prompt, [_empty_at(i) for i in range(3)])
+    result = GenerationResult("n3", prompt, [Completion(i) for i in range(3)])
     for output in engine.step():
         accumulate(result, output)
     # One prefill for all three; each sibling owns only its copy of a partial last block.
@@ -196,12 +190,6 @@ def test_greedy_siblings_share_the_prompt_and_match_a_single_sequence(tmp_path, 
     want = single[0].completions[0].token_ids
     assert [c.token_ids for c in result.completions] == [want] * 3
     assert engine.block_manager.num_used_blocks == 0
-
-
-def _empty_at(index: int):
-    from engine.llm import Completion
-
-    return Completion(index)
 
 
 def _stream_text(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> tuple[list[str], str | None]:
