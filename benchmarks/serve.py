@@ -89,6 +89,14 @@ class Plan:
     num_warmup: int
     request_timeout: float
     startup_timeout: float
+    ignore_eos: bool = False
+
+    def sampling(self) -> dict[str, Any]:
+        """Request fields besides the messages; ignore_eos (a vLLM extension) only when asked."""
+        fields: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": 0.0}
+        if self.ignore_eos:
+            fields["ignore_eos"] = True
+        return fields
 
 
 def load_prompt_set(path: Path) -> PromptSet:
@@ -159,12 +167,11 @@ async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
         yield "\n".join(lines)
 
 
-def chat_body(target: Target, messages: Conversation, max_tokens: int) -> dict[str, Any]:
+def chat_body(target: Target, messages: Conversation, sampling: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": target.model,
         "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
+        **sampling,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -180,7 +187,7 @@ async def stream_chat(
     client: httpx.AsyncClient,
     target: Target,
     messages: Conversation,
-    max_tokens: int,
+    sampling: dict[str, Any],
     timeout: float,
 ) -> RequestResult:
     """Send one streaming chat completion; never raises, failures land in `error`."""
@@ -190,7 +197,7 @@ async def stream_chat(
     try:
         async with asyncio.timeout(timeout):
             result.error = await _consume(
-                client, target, chat_body(target, messages, max_tokens), headers, start, result
+                client, target, chat_body(target, messages, sampling), headers, start, result
             )
     except TimeoutError:
         result.error = f"timed out after {timeout:g} s"
@@ -303,7 +310,7 @@ async def run_level(target: Target, plan: Plan, level: Level) -> dict[str, Any]:
         async with semaphore:
             messages = conversations[i % len(conversations)]
             result = await stream_chat(
-                client, target, messages, plan.max_tokens, plan.request_timeout
+                client, target, messages, plan.sampling(), plan.request_timeout
             )
         progress.update()
         return result
@@ -329,7 +336,7 @@ async def warm_up(target: Target, plan: Plan) -> str | None:
         for i in range(plan.num_warmup):
             messages = conversations[i % len(conversations)]
             result = await stream_chat(
-                client, target, messages, plan.max_tokens, plan.startup_timeout
+                client, target, messages, plan.sampling(), plan.startup_timeout
             )
             if result.error:
                 return result.error
@@ -593,6 +600,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.num_warmup,
         args.request_timeout,
         args.startup_timeout,
+        args.ignore_eos,
     )
     model_dir = resolve_model_dir(args.model) if args.peer else None
     target = url_target(args) if args.url else None
@@ -666,6 +674,7 @@ def build_report(
         },
         "config": {
             "max_tokens": args.max_tokens,
+            "ignore_eos": args.ignore_eos,
             "seed": args.seed,
             "request_rate": _json_rate(args.request_rate),
             "concurrency": args.concurrency,
@@ -772,6 +781,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--max-tokens", type=int, default=128, help="max_tokens of every request (default: 128)"
+    )
+    p.add_argument(
+        "--ignore-eos", action="store_true",
+        help="send ignore_eos (vLLM's extension) so every request generates max_tokens tokens",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals (default: 0)")
     p.add_argument(
