@@ -62,10 +62,10 @@ class AsyncEngine:
     def run_forever(self, alongside: threading.Thread) -> None:
         """Run the engine loop in the calling thread until shutdown, or until `alongside` (the
         thread serving the event loop) ends without having started the engine."""
+        self._thread = threading.current_thread()  # requests may queue before the loop starts
         while not self._loop_ready.wait(0.2):
             if not alongside.is_alive():
                 return
-        self._thread = threading.current_thread()
         self._run(alongside)
 
     async def shutdown(self) -> None:
