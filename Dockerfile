@@ -11,12 +11,9 @@ COPY engine engine
 COPY server server
 COPY config config
 # torch is pinned as in the Makefile. On a machine whose pip finds the CPU wheel (as ours does)
-# that is what gets installed; elsewhere point pip at an index with the CPU build, e.g.
-# --build-arg PIP_EXTRA_INDEX_URL=<index>, or the default index's CUDA build makes the image
-# several GB larger.
+# that is what gets installed; elsewhere point pip at an index with the CPU build (an
+# `ENV PIP_EXTRA_INDEX_URL=...` line here), or the default CUDA build makes the image GBs larger.
 ARG TORCH=torch==2.13.0
-ARG PIP_INDEX_URL
-ARG PIP_EXTRA_INDEX_URL
 ARG MODEL=smollm2-135m-instruct
 RUN python -m venv /app/.venv \
  && /app/.venv/bin/pip install -q "$TORCH" \
