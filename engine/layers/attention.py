@@ -3,13 +3,23 @@
 A step packs every scheduled token into one stream of `num_tokens` rows: first one token per
 decoding sequence, then the prompt chunks of prefilling sequences. New keys/values are written
 into the cache through `slot_mapping`; each sequence then reads its whole context back through
-its block table. Reads form rectangular batches, left-padded so that every sequence's newest
-token sits in the last column:
+its block table, into rectangles of sequences of similar length.
+
+Prefill chunks that continue a cached prefix are left-padded, so every sequence's newest token
+sits in the last column and the causal mask is one diagonal for all rows:
 
     kv_len = 5, max_kv_len = 8          columns: 0   1   2   3   4   5   6   7
     positions read                               -   -   -   0   1   2   3   4
     mask                                         0   0   0   1   1   1   1   1
 
+Decode rectangles (one query per row) are right-padded instead, to a width rounded up to
+DECODE_WIDTH_MULTIPLE, which keeps each row's arithmetic identical to a batch of one:
+
+    kv_len = 5, width 16                columns: 0   1   2   3   4   5 ... 15
+    positions read                               0   1   2   3   4   -     -
+    mask                                         1   1   1   1   1   0     0
+
+A whole prompt with nothing cached attends to its own keys with a causal kernel, no rectangle.
 A slot is `block_id * block_size + offset`: position p of a sequence lives in slot
 `block_table[p // block_size] * block_size + p % block_size`.
 """
@@ -27,6 +37,10 @@ KVCache = tuple[torch.Tensor, torch.Tensor]  # K and V, [num_blocks, block_size,
 # Splitting a decode rectangle in two costs a group's fixed overhead (a gather and an attention
 # call per layer, ~40 us); it pays when it saves more padded key slots (~90 ns each) than that.
 DECODE_GROUP_COST = 512
+# Decode rectangles put each context first (right padding) and round their width up to this
+# multiple: then the CPU attention kernel reduces every row exactly as it would alone, so a
+# greedy sequence's tokens do not depend on what else is in the batch.
+DECODE_WIDTH_MULTIPLE = 16
 
 
 @dataclass(slots=True)
@@ -98,9 +112,12 @@ def build_attention_metadata(
             groups.append(AttentionGroup(start, end, end - start, None, None, None))
             num_read += end - start
             continue
-        kv_slots, valid = _context_slots(tables[first:last], kv_lens[first:last], block_size)
+        is_decode = first < num_decodes
+        kv_slots, valid = _context_slots(
+            tables[first:last], kv_lens[first:last], block_size, left_padded=not is_decode
+        )
         num_read += kv_slots.numel()
-        if first < num_decodes:
+        if is_decode:
             group = AttentionGroup(start, end, 1, None, kv_slots, valid[:, None, None, :])
         else:
             group = _prefill_group(start, end, group_new, offsets[start:end], kv_slots, valid)
@@ -179,13 +196,19 @@ def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> to
 
 
 def _context_slots(
-    tables: torch.Tensor, kv_lens: torch.Tensor, block_size: int
+    tables: torch.Tensor, kv_lens: torch.Tensor, block_size: int, left_padded: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded slots of every sequence's whole context and their validity, [num_seqs, max_kv_len]."""
+    """Slots of every sequence's whole context and their validity, [num_seqs, max_kv_len]."""
     max_kv_len = int(kv_lens.max())
-    positions = kv_lens[:, None] - max_kv_len + torch.arange(max_kv_len)[None, :]
-    valid = positions >= 0
-    positions = positions.clamp(min=0)
+    if not left_padded:
+        max_kv_len = -(-max_kv_len // DECODE_WIDTH_MULTIPLE) * DECODE_WIDTH_MULTIPLE
+    positions = torch.arange(max_kv_len)[None, :].expand(len(kv_lens), -1)
+    if left_padded:
+        positions = kv_lens[:, None] - max_kv_len + positions
+        valid = positions >= 0
+    else:
+        valid = positions < kv_lens[:, None]
+    positions = positions.clamp(0, None) if left_padded else positions.minimum(kv_lens[:, None] - 1)
     # Position p of row i is in block tables[i, p // block_size].
     blocks = tables.gather(1, positions // block_size)
     return blocks * block_size + positions % block_size, valid

@@ -56,11 +56,11 @@ def test_mixed_step_matches_per_sequence_attention():
         row += new
     assert meta.num_kv_slots_used == sum(c + n for c, n in seqs)
     assert meta.groups[-1].kv_slots is None  # the fresh prompt reads its own new keys
-    assert meta.num_kv_slots_read == 301 + 2 * 4 + 8 + 9  # padding included
+    assert meta.num_kv_slots_read == 304 + 2 * 16 + 8 + 9  # padding included
 
 
 def test_similar_lengths_share_one_rectangle():
     tables = [[i] * 10 for i in range(6)]
     _, meta = build_attention_metadata(tables, [30, 29, 28, 27, 26, 25], [1] * 6, BLOCK)
     assert len(meta.groups) == 1
-    assert meta.groups[0].kv_slots.shape == (6, 31)
+    assert meta.groups[0].kv_slots.shape == (6, 32)  # right-padded to a multiple of 16

@@ -222,3 +222,13 @@ def test_stop_strings_are_trimmed_and_never_streamed(real_setup, where):
     # Deltas only ever append, so if they join to the trimmed text no part of a stop was sent.
     assert "".join(deltas) == text[:cut]
     assert reason == "stop"
+
+
+def test_bf16_greedy_tokens_do_not_depend_on_the_batch(default_model_dir):
+    """Decode rectangles are right-padded to a multiple of 16, so each row is computed as alone."""
+    llm = LLM(str(default_model_dir))  # bfloat16, the default
+    prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    alone = generate_each(llm, prompts, params)
+    assert generate_all(llm, prompts, params) == alone
+    assert run_staggered(llm.engine, prompts, params) == alone

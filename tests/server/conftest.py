@@ -110,15 +110,11 @@ def start_server(
 def server(
     default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    """The shared server: default limits, a short SSE ping interval so streams carry pings.
-
-    NOTE: float32, because the concurrency test needs batched greedy == solo greedy, which the
-    engine's bfloat16 kernels do not give (batch-size dependent rounding flips near-ties).
-    """
+    """The shared server: the default dtype (bfloat16) and limits, a short SSE ping interval so
+    streams carry pings."""
     proc = start_server(
         default_model_dir,
         tmp_path_factory.mktemp("server"),
-        "--dtype", "float32",
         "--kv-cache-memory", "256MiB",
         "--sse-ping-interval", "0.05",
         "--cors-origins", "http://example.test",
