@@ -210,11 +210,11 @@ class LLMEngine:
         A sibling that finds no free block for its copy of a partial block is queued to
         prefill on its own instead.
         """
-        siblings = [s for s in seq.request.sequences if s.is_awaiting_fork]
-        if not siblings or seq.num_generated_tokens:
+        if seq.num_generated_tokens or seq.request.params.n == 1:
             return []
+        siblings = [s for s in seq.request.sequences if s.is_awaiting_fork]
         forked, copies = [], []
-        for sibling in siblings:
+        for sibling in siblings:  # empty once forked: later calls do nothing
             sibling.is_awaiting_fork = False
             try:
                 copy = self.block_manager.fork(seq.seq_id, sibling.seq_id, seq.num_computed_tokens)

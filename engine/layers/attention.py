@@ -202,13 +202,14 @@ def _context_slots(
     max_kv_len = int(kv_lens.max())
     if not left_padded:
         max_kv_len = -(-max_kv_len // DECODE_WIDTH_MULTIPLE) * DECODE_WIDTH_MULTIPLE
-    positions = torch.arange(max_kv_len)[None, :].expand(len(kv_lens), -1)
+    columns = torch.arange(max_kv_len)[None, :]  # [1, max_kv_len]
     if left_padded:
-        positions = kv_lens[:, None] - max_kv_len + positions
+        positions = kv_lens[:, None] - max_kv_len + columns
         valid = positions >= 0
+        positions = positions.clamp(min=0)
     else:
-        valid = positions < kv_lens[:, None]
-    positions = positions.clamp(0, None) if left_padded else positions.minimum(kv_lens[:, None] - 1)
+        valid = columns < kv_lens[:, None]
+        positions = columns.minimum(kv_lens[:, None] - 1)  # padding re-reads the last token
     # Position p of row i is in block tables[i, p // block_size].
     blocks = tables.gather(1, positions // block_size)
     return blocks * block_size + positions % block_size, valid
