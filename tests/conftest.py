@@ -89,3 +89,16 @@ def default_model_dir() -> Path:
     from engine.assets import resolve_model
 
     return resolve_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(params=["fused", "eager"])
+def kernel_path(request, monkeypatch) -> str:
+    """Runs a test with the fused CPU kernels (skipped where they cannot be built) and again
+    with the eager torch ops that replace them elsewhere."""
+    from engine import kernels
+
+    if request.param == "fused" and kernels.ops() is None:
+        pytest.skip("fused CPU kernels unavailable")
+    if request.param == "eager":
+        monkeypatch.setattr(kernels, "ops", lambda: None)
+    return request.param

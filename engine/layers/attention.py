@@ -31,6 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine import kernels
+from engine.layers.rotary import RotaryInputs, apply_rotary
+
 KVCache = tuple[torch.Tensor, torch.Tensor]  # K and V, [num_blocks, block_size, num_kv_heads, head_dim]
 
 
@@ -60,11 +63,22 @@ class AttentionGroup:
 
 
 @dataclass(slots=True)
+class PagedDecode:
+    """The step's first `num_seqs` rows, one new token each, read by the fused kernel straight
+    from their blocks: no rectangle, no padding."""
+
+    num_seqs: int
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64
+    context_lens: torch.Tensor  # [num_seqs] int64, the new token included
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
     groups: list[AttentionGroup]
     num_kv_slots_read: int  # key slots the rectangles read, padding included
     num_kv_slots_used: int  # of which real context tokens
+    decode: PagedDecode | None = None  # set when the fused decode kernel reads the decodes
 
 
 def build_attention_metadata(
@@ -73,13 +87,18 @@ def build_attention_metadata(
     num_new_tokens: list[int],
     block_size: int,
     device: torch.device | str = "cpu",
+    paged_decode: bool | None = None,
 ) -> tuple[torch.Tensor, AttentionMetadata]:
     """Positions [num_tokens] and attention metadata for one step.
 
     Sequences with one new token (decodes) must come before those with several (prefills).
-    Consecutive sequences of one kind share a rectangle until padding would cost more than a
-    new one, so ordering each kind by context length (longest first) keeps padding low.
+    With `paged_decode` (the default where the fused kernels run) the decodes are read straight
+    from their blocks. Otherwise consecutive sequences of one kind share a rectangle until
+    padding would cost more than a new one, so ordering each kind by context length (longest
+    first) keeps padding low.
     """
+    if paged_decode is None:
+        paged_decode = kernels.available_on(torch.device(device))
     num_seqs = len(block_tables)
     num_decodes = 0
     while num_decodes < num_seqs and num_new_tokens[num_decodes] == 1:
@@ -104,7 +123,11 @@ def build_attention_metadata(
     kv_len_list = [c + n for c, n in zip(num_computed_tokens, num_new_tokens)]
     starts = token_starts.tolist()
     groups, num_read = [], 0
-    for first, last in _split(num_computed_tokens, num_new_tokens, num_decodes):
+    decode = None
+    if paged_decode and num_decodes:
+        decode = PagedDecode(num_decodes, tables[:num_decodes].to(device), kv_lens[:num_decodes].to(device))
+        num_read += sum(kv_len_list[:num_decodes])
+    for first, last in _split(num_computed_tokens, num_new_tokens, num_decodes, decode is None):
         group_new = new[first:last]
         start = starts[first]
         end = start + int(group_new.sum())
@@ -130,29 +153,29 @@ def build_attention_metadata(
         group.query_rows, group.kv_slots, group.mask = (
             to(group.query_rows), to(group.kv_slots), to(group.mask)
         )
-    meta = AttentionMetadata(to(slot_mapping), groups, num_read, sum(kv_len_list))
+    meta = AttentionMetadata(to(slot_mapping), groups, num_read, sum(kv_len_list), decode)
     return positions.to(device), meta
 
 
 def _split(
-    num_computed: list[int], num_new: list[int], num_decodes: int
+    num_computed: list[int], num_new: list[int], num_decodes: int, group_decodes: bool = True
 ) -> list[tuple[int, int]]:
     """[first, last) sequence ranges, each read as one rectangle (or one fresh prompt).
 
-    Decodes, ordered longest first, share a rectangle until the context length halves and the
+    Decodes (unless `group_decodes` is off: the fused kernel reads them), ordered longest first, share a rectangle until the context length halves and the
     padding the rest would carry outweighs a group's fixed cost, so there are at most ~log2 of
     them. A prompt with nothing cached is a range of its own; chunks continuing a cached
     prefix share one rectangle.
     """
     ranges = []
     first, max_kv = 0, 0
-    for i in range(num_decodes):
+    for i in range(num_decodes if group_decodes else 0):
         kv_len = num_computed[i] + 1
         if i > first and 2 * kv_len < max_kv and (max_kv - kv_len) * (num_decodes - i) > DECODE_GROUP_COST:
             ranges.append((first, i))
             first, max_kv = i, 0
         max_kv = max(max_kv, kv_len)
-    if num_decodes:
+    if num_decodes and group_decodes:
         ranges.append((first, num_decodes))
     chunks = [i for i in range(num_decodes, len(num_new)) if num_computed[i]]
     ranges += [(i, i + 1) for i in range(num_decodes, len(num_new)) if not num_computed[i]]
@@ -239,6 +262,41 @@ def _fresh_prompt_attention(
     return out[0].transpose(0, 1)
 
 
+def rotate_and_cache(
+    qkv: torch.Tensor,
+    rope: RotaryInputs,
+    num_heads: int,
+    num_kv_heads: int,
+    kv_cache: KVCache,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotate q and k of the fused projection [num_tokens, (num_heads + 2 * num_kv_heads) *
+    head_dim] and write k, v into the cache slots. Returns q [num_tokens, num_heads, head_dim]
+    and k, v [num_tokens, num_kv_heads, head_dim]."""
+    k_cache, v_cache = kv_cache
+    num_tokens, head_dim = qkv.shape[0], k_cache.shape[-1]
+    num_qk_heads = num_heads + num_kv_heads
+    fused = kernels.use_for(qkv)
+    if fused is not None:
+        fused.rotary_and_store(
+            qkv, rope.positions, rope.cos_table, rope.sin_table, num_heads, num_kv_heads,
+            k_cache, v_cache, slot_mapping,
+        )  # in place
+        heads = qkv.view(num_tokens, num_qk_heads + num_kv_heads, head_dim)
+        return heads[:, :num_heads], heads[:, num_heads:num_qk_heads], heads[:, num_qk_heads:]
+    heads = qkv.view(num_tokens, num_qk_heads + num_kv_heads, head_dim)
+    qk = apply_rotary(heads[:, :num_qk_heads], *rope.per_token())
+    q, k, v = qk[:, :num_heads], qk[:, num_heads:], heads[:, num_qk_heads:]
+    store_kv(k, v, kv_cache, slot_mapping)
+    return q, k, v
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
+    """Write new k, v [num_tokens, num_kv_heads, head_dim] into their cache slots."""
+    for new, cache in zip((k, v), kv_cache):
+        cache.view(-1, *new.shape[1:]).index_copy_(0, slot_mapping, new)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -247,7 +305,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Store k/v for the new tokens, then attend each query to its sequence's context.
+    """Attend each query to its sequence's context, the new tokens' k/v already cached.
 
     q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
     Returns [num_tokens, num_heads, head_dim].
@@ -257,10 +315,13 @@ def paged_attention(
     k_cache, v_cache = kv_cache
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, num_kv_heads, head_dim]
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-    k_flat.index_copy_(0, meta.slot_mapping, k)
-    v_flat.index_copy_(0, meta.slot_mapping, v)
 
     outputs = []
+    if meta.decode is not None:
+        d = meta.decode
+        outputs.append(
+            kernels.ops().paged_decode_attention(q[: d.num_seqs], k_cache, v_cache, d.block_tables, d.context_lens, scale)
+        )
     for group in meta.groups:
         if group.kv_slots is None:
             outputs.append(_fresh_prompt_attention(q, k, v, group, scale))

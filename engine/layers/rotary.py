@@ -61,13 +61,35 @@ class RotaryEmbedding(nn.Module):
         # The sign of rotate_half is folded into the table: x * cos + swap_halves(x) * sin.
         self._sin = torch.cat((-sin, sin), dim=-1).to(dtype)
 
-    def forward(
-        self, positions: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin for each position, [num_tokens, 1, head_dim] each."""
-        if self._cos is None or self._cos.device != positions.device or self._cos.dtype != dtype:
-            self._build(positions.device, dtype)
-        return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
+    def tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for every position, [max_position, head_dim] each."""
+        if self._cos is None or self._cos.device != device or self._cos.dtype != dtype:
+            self._build(device, dtype)
+        return self._cos, self._sin
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryInputs:
+        cos, sin = self.tables(positions.device, dtype)
+        return RotaryInputs(positions, cos, sin)
+
+
+class RotaryInputs:
+    """One step's rotary angles: the whole tables plus each token's position. The fused kernel
+    reads the tables; the eager path gathers per-token rows once per step, on first use."""
+
+    def __init__(self, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor) -> None:
+        self.positions = positions
+        self.cos_table = cos_table
+        self.sin_table = sin_table
+        self._per_token: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def per_token(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin of each token, [num_tokens, 1, head_dim] each."""
+        if self._per_token is None:
+            self._per_token = (
+                self.cos_table[self.positions].unsqueeze(1),
+                self.sin_table[self.positions].unsqueeze(1),
+            )
+        return self._per_token
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.layers.activation import GatedMLP
-from engine.layers.attention import AttentionMetadata, KVCache, paged_attention
+from engine.layers.attention import AttentionMetadata, KVCache, paged_attention, rotate_and_cache
 from engine.layers.linear import Linear, MergedLinear
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.layers.rotary import RotaryEmbedding, RotaryInputs
 
 
 class LlamaAttention(nn.Module):
@@ -28,21 +28,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
 
     def forward(
-        self,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
+        self, hidden: torch.Tensor, rope: RotaryInputs, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        num_qk_heads = self.num_heads + self.num_kv_heads
-        qkv = self.qkv_proj(hidden).view(num_tokens, num_qk_heads + self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(qkv[:, :num_qk_heads], cos, sin)  # [num_tokens, num_qk_heads, head_dim]
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        v = qkv[:, num_qk_heads:]
+        q, k, v = rotate_and_cache(
+            self.qkv_proj(hidden), rope, self.num_heads, self.num_kv_heads, kv_cache, meta.slot_mapping
+        )
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(hidden.shape[0], self.num_heads * self.head_dim))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -56,13 +48,19 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: RotaryInputs,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the next norm adds the two."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rope, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -81,10 +79,11 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        cos, sin = self.rotary_emb(positions, hidden.dtype)
+        rope = self.rotary_emb(positions, hidden.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos, sin, kv_cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

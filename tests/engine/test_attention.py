@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.layers.attention import build_attention_metadata, paged_attention
+from engine import kernels
+from engine.layers.attention import build_attention_metadata, paged_attention, store_kv
 
 BLOCK = 4
 HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -22,7 +24,16 @@ def reference(q_all, k_all, v_all, scale):
     return out.transpose(0, 1)
 
 
-def test_mixed_step_matches_per_sequence_attention():
+# The fused kernel reads decodes straight from their blocks; without it they share rectangles.
+DECODE_PATHS = [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(not kernels.available_on(torch.device("cpu")), reason="no fused kernels")),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("paged_decode", DECODE_PATHS)
+def test_mixed_step_matches_per_sequence_attention(paged_decode, dtype):
     torch.manual_seed(0)
     # (tokens already cached, new tokens): decodes of very different lengths, then prefills
     # (a chunk continuing a cached prefix, and a fresh prompt).
@@ -32,35 +43,41 @@ def test_mixed_step_matches_per_sequence_attention():
         n = -(-(cached + new) // BLOCK)
         tables.append(list(range(next_block + n - 1, next_block - 1, -1)))  # scattered order
         next_block += n
-    k_cache = torch.zeros(next_block, BLOCK, KV_HEADS, DIM)
+    k_cache = torch.zeros(next_block, BLOCK, KV_HEADS, DIM, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
-    full_k = [torch.randn(c + n, KV_HEADS, DIM) for c, n in seqs]
-    full_v = [torch.randn(c + n, KV_HEADS, DIM) for c, n in seqs]
+    full_k = [torch.randn(c + n, KV_HEADS, DIM, dtype=dtype) for c, n in seqs]
+    full_v = [torch.randn(c + n, KV_HEADS, DIM, dtype=dtype) for c, n in seqs]
     for (cached, _), table, k, v in zip(seqs, tables, full_k, full_v):  # the cached prefixes
         for pos in range(cached):
             k_cache[table[pos // BLOCK], pos % BLOCK] = k[pos]
             v_cache[table[pos // BLOCK], pos % BLOCK] = v[pos]
     positions, meta = build_attention_metadata(
-        tables, [c for c, _ in seqs], [n for _, n in seqs], BLOCK
+        tables, [c for c, _ in seqs], [n for _, n in seqs], BLOCK, paged_decode=paged_decode
     )
-    assert len(meta.groups) == 4  # the 301-token decode apart from the short ones; 2 prefills
-    q = torch.randn(sum(n for _, n in seqs), HEADS, DIM)
+    q = torch.randn(sum(n for _, n in seqs), HEADS, DIM, dtype=dtype)
     new_k = torch.cat([k[c:] for (c, _), k in zip(seqs, full_k)])
     new_v = torch.cat([v[c:] for (c, _), v in zip(seqs, full_v)])
+    store_kv(new_k, new_v, (k_cache, v_cache), meta.slot_mapping)
     out = paged_attention(q, new_k, new_v, (k_cache, v_cache), meta, scale=0.3)
     row = 0
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     for (cached, new), k, v in zip(seqs, full_k, full_v):
-        want = reference(q[row : row + new], k, v, 0.3)
-        torch.testing.assert_close(out[row : row + new], want, atol=1e-5, rtol=1e-5)
+        want = reference(q[row : row + new].float(), k.float(), v.float(), 0.3)
+        torch.testing.assert_close(out[row : row + new].float(), want, atol=tolerance, rtol=tolerance)
         assert positions[row : row + new].tolist() == list(range(cached, cached + new))
         row += new
     assert meta.num_kv_slots_used == sum(c + n for c, n in seqs)
     assert meta.groups[-1].kv_slots is None  # the fresh prompt reads its own new keys
-    assert meta.num_kv_slots_read == 304 + 2 * 16 + 8 + 9  # padding included
+    if paged_decode:  # no padding for the decodes; the chunk and the prompt as below
+        assert meta.decode.num_seqs == 3 and len(meta.groups) == 2
+        assert meta.num_kv_slots_read == 301 + 4 + 3 + 8 + 9
+    else:  # the 301-token decode apart from the short ones, right-padded; 2 prefills
+        assert meta.decode is None and len(meta.groups) == 4
+        assert meta.num_kv_slots_read == 304 + 2 * 16 + 8 + 9
 
 
 def test_similar_lengths_share_one_rectangle():
     tables = [[i] * 10 for i in range(6)]
-    _, meta = build_attention_metadata(tables, [30, 29, 28, 27, 26, 25], [1] * 6, BLOCK)
+    _, meta = build_attention_metadata(tables, [30, 29, 28, 27, 26, 25], [1] * 6, BLOCK, paged_decode=False)
     assert len(meta.groups) == 1
     assert meta.groups[0].kv_slots.shape == (6, 32)  # right-padded to a multiple of 16

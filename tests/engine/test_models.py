@@ -47,7 +47,7 @@ def check_parity(path) -> None:
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-def test_tiny_model_matches_transformers(tmp_path, model_type):
+def test_tiny_model_matches_transformers(tmp_path, model_type, kernel_path):
     check_parity(write_tiny_checkpoint(tmp_path / model_type, model_type))
 
 

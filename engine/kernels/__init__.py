@@ -1,0 +1,96 @@
+"""Fused CPU kernels (cpu_ops.cpp), compiled on first use and cached under $KESTREL_HOME.
+
+`ops()` returns `torch.ops.kestrel` once the library is loaded, or None where it cannot be
+(no C++ compiler, or KESTREL_KERNELS=0): every caller keeps an eager torch path that computes
+the same thing, which is also what runs on other devices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+# OpenMP so that at::parallel_for runs in parallel: the library links libgomp.so.1, which
+# resolves to the copy torch has already loaded, so there is still one thread pool.
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("KESTREL_KERNELS", "1") not in ("0", "false", "no", "off")
+
+
+def ops():
+    """torch.ops.kestrel, building the library on the first call; None if unavailable."""
+    if not enabled():
+        return None
+    if "ops" not in _state:
+        with _lock:
+            if "ops" not in _state:
+                _state["ops"] = _load()
+    return _state["ops"]
+
+
+def use_for(x: torch.Tensor):
+    """The fused ops if they apply to tensors like `x` (CPU), else None."""
+    return ops() if x.device.type == "cpu" else None
+
+
+def available_on(device: torch.device) -> bool:
+    return device.type == "cpu" and ops() is not None
+
+
+def _load():
+    from engine.assets import kestrel_home
+
+    # -march=native code is only good for this CPU: the build is keyed by its feature flags too.
+    digest = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode() + _cpu_flags()
+    )
+    build_dir = kestrel_home() / "kernels" / digest.hexdigest()[:16]
+    library = build_dir / "kestrel_cpu_ops.so"
+    try:
+        if not library.exists():
+            _build(build_dir)
+        torch.ops.load_library(str(library))
+    except Exception as exc:  # no compiler, no ninja, a failed build: fall back to eager torch
+        logger.warning("fused CPU kernels unavailable, using eager torch ops instead: %s", exc)
+        return None
+    return torch.ops.kestrel
+
+
+def _cpu_flags() -> bytes:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return b""
+    return next((line.encode() for line in lines if line.startswith("flags")), b"")
+
+
+def _build(build_dir: Path) -> None:
+    from torch.utils.cpp_extension import load
+
+    logger.info("compiling fused CPU kernels into %s (once, about 30 s)", build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # The ninja that pip installs sits next to this interpreter, which may not be on PATH.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    load(
+        name="kestrel_cpu_ops",
+        sources=[str(SOURCE)],
+        extra_cflags=FLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )

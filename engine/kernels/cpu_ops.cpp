@@ -1,0 +1,450 @@
+// Fused CPU kernels for one decode step: the eager versions cost a few microseconds of
+// dispatch per op and a gather copy of every sequence's keys and values per layer.
+//
+// Every kernel rounds to the model dtype at the same points as the eager torch code it
+// replaces (which follows the reference implementation), so bf16 results match it bit for
+// bit except for float32 summation order. Each output row depends only on its own inputs,
+// never on the rest of the batch.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <type_traits>
+#include <cstring>
+#include <vector>
+
+#include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define KESTREL_AVX512_BF16
+#endif
+
+namespace {
+
+// Kernels work on raw element types: float, or uint16_t holding bf16 bits. Conversions on the
+// raw bits vectorize where c10::BFloat16's operators keep gcc from it; float32 -> bf16 rounds
+// to nearest even, as torch does.
+inline float f32(float x) { return x; }
+inline float f32(uint16_t bf16) {
+  const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <typename R>
+inline R from_f32(float x);
+template <>
+inline float from_f32<float>(float x) { return x; }
+template <>
+inline uint16_t from_f32<uint16_t>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  return x != x ? uint16_t{0x7FC0} : rounded;
+}
+
+// Rounds a float32 intermediate to the model dtype and back, as an eager op producing a
+// tensor of that dtype would.
+template <typename R>
+inline float rounded(float x) { return f32(from_f32<R>(x)); }
+
+// Calls fn(R{}) with R the raw element type of `dtype`.
+template <typename Fn>
+void dispatch(at::ScalarType dtype, const char* name, Fn&& fn) {
+  if (dtype == at::kBFloat16) {
+    fn(uint16_t{});
+  } else if (dtype == at::kFloat) {
+    fn(float{});
+  } else {
+    TORCH_CHECK(false, name, ": only float32 and bfloat16 are supported, got ", dtype);
+  }
+}
+
+template <typename R>
+R* ptr(const at::Tensor& t) { return reinterpret_cast<R*>(t.data_ptr()); }
+
+// exp with about 1 ulp of float32 error, in plain arithmetic so loops over it vectorize
+// (std::exp does not): Cody-Waite reduction to [-ln2/2, ln2/2] and Cephes' polynomial.
+inline float vexp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  // n = round(x / ln2) by the 1.5 * 2^23 trick (std::floor would not vectorize).
+  const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+void check_cpu_contiguous_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
+}
+
+// ---- RMSNorm, optionally adding the residual first --------------------------------------
+
+template <typename T>
+void rms_norm_rows(const T* x, T* residual, const T* weight, T* out, int64_t rows, int64_t
+                   hidden, int64_t x_stride, double eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(hidden);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * x_stride;
+      T* res = residual ? residual + r * hidden : nullptr;
+      float sum_sq = 0.f;
+      #pragma omp simd reduction(+ : sum_sq)
+      for (int64_t i = 0; i < hidden; ++i) {
+        // residual + x, rounded like the eager bf16 add; the sum becomes the new residual.
+        float v = res ? rounded<T>(f32(xr[i]) + f32(res[i])) : f32(xr[i]);
+        h[i] = v;
+        sum_sq += v * v;
+      }
+      if (res) {
+        for (int64_t i = 0; i < hidden; ++i) res[i] = from_f32<T>(h[i]);
+      }
+      const float inv_rms = 1.f / std::sqrt(sum_sq / hidden + static_cast<float>(eps));
+      T* o = out + r * hidden;
+      for (int64_t i = 0; i < hidden; ++i) {
+        o[i] = from_f32<T>(f32(weight[i]) * rounded<T>(h[i] * inv_rms));
+      }
+    }
+  });
+}
+
+// out = weight * norm(x), or with a residual: residual += x (in place), out = weight * norm(residual).
+at::Tensor rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                    const at::Tensor& weight, double eps) {
+  check_cpu_contiguous_rows(x, "x");
+  TORCH_CHECK(x.dim() == 2, "x must be [num_tokens, hidden]");
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == hidden && weight.scalar_type() == x.scalar_type(),
+              "weight must be a contiguous [hidden] tensor of x's dtype");
+  if (residual) {
+    TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes() &&
+                residual->scalar_type() == x.scalar_type(), "residual must be contiguous, shaped and typed like x");
+  }
+  auto out = at::empty({rows, hidden}, x.options());
+  dispatch(x.scalar_type(), "rms_norm", [&](auto raw) {
+    using scalar_t = decltype(raw);
+    rms_norm_rows<scalar_t>(ptr<scalar_t>(x), residual ? ptr<scalar_t>(*residual) : nullptr,
+                            ptr<scalar_t>(weight), ptr<scalar_t>(out), rows, hidden,
+                            x.stride(0), eps);
+  });
+  return out;
+}
+
+// ---- SwiGLU: silu(gate) * up ----------------------------------------------------------------
+
+template <typename T>
+void silu_and_mul_rows(const T* in, T* out, int64_t rows, int64_t width, int64_t stride) {
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = in + r * stride;
+      const T* up = gate + width;
+      T* o = out + r * width;
+      #pragma omp simd
+      for (int64_t c = 0; c < width; ++c) {
+        const float g = f32(gate[c]);
+        o[c] = from_f32<T>(rounded<T>(g / (1.f + vexp(-g))) * f32(up[c]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  check_cpu_contiguous_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up must be [num_tokens, 2 * intermediate]");
+  const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
+  auto out = at::empty({rows, width}, gate_up.options());
+  dispatch(gate_up.scalar_type(), "silu_and_mul", [&](auto raw) {
+    using scalar_t = decltype(raw);
+    silu_and_mul_rows<scalar_t>(ptr<scalar_t>(gate_up), ptr<scalar_t>(out), rows, width,
+                                gate_up.stride(0));
+  });
+  return out;
+}
+
+// ---- Rotary embedding of q and k in place, and k / v into the paged cache --------------------
+
+// qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], q heads then k then v.
+// cos / sin: [max_position, head_dim] tables in the model dtype, sin signed for rotate_half.
+void rotary_and_store(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                      const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
+                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  check_cpu_contiguous_rows(qkv, "qkv");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "cos, sin and the caches must be contiguous");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong,
+              "positions and slot_mapping must be int64");
+  const int64_t tokens = qkv.size(0), head_dim = cos.size(1), half = head_dim / 2;
+  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim, "qkv width does not match the heads");
+  TORCH_CHECK(positions.numel() == tokens && slot_mapping.numel() == tokens, "one position and slot per token");
+  const int64_t kv_width = num_kv_heads * head_dim, stride = qkv.stride(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.numel() / kv_width;
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "position ", pos[t], " outside the rotary table");
+    TORCH_CHECK(slots[t] < num_slots, "slot ", slots[t], " outside the cache");
+  }
+  dispatch(qkv.scalar_type(), "rotary_and_store", [&](auto raw) {
+    using scalar_t = decltype(raw);
+    scalar_t* base = ptr<scalar_t>(qkv);
+    const scalar_t* cos_t = ptr<scalar_t>(cos);
+    const scalar_t* sin_t = ptr<scalar_t>(sin);
+    scalar_t* kc = ptr<scalar_t>(k_cache);
+    scalar_t* vc = ptr<scalar_t>(v_cache);
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> x(head_dim);
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* c = cos_t + pos[t] * head_dim;
+        const scalar_t* s = sin_t + pos[t] * head_dim;
+        scalar_t* row = base + t * stride;
+        for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
+          scalar_t* v = row + h * head_dim;
+          for (int64_t i = 0; i < head_dim; ++i) x[i] = f32(v[i]);
+          for (int64_t i = 0; i < head_dim; ++i) {
+            const float swapped = x[i < half ? i + half : i - half];
+            v[i] = from_f32<scalar_t>(rounded<scalar_t>(x[i] * f32(c[i])) +
+                                         rounded<scalar_t>(swapped * f32(s[i])));
+          }
+        }
+        if (slots[t] >= 0) {
+          std::copy_n(row + num_heads * head_dim, kv_width, kc + slots[t] * kv_width);
+          std::copy_n(row + num_heads * head_dim + kv_width, kv_width, vc + slots[t] * kv_width);
+        }
+      }
+    });
+  });
+}
+
+// ---- Decode attention straight from the paged cache -----------------------------------------
+
+// One sequence's context in the paged cache: position p is row p % block_size of block
+// table[p / block_size]; a row holds every kv head, head_dim elements each.
+template <typename T>
+struct PagedContext {
+  const T* cache;
+  const int64_t* table;
+  int64_t block_size, row_stride, len;
+
+  // Calls fn(first_position, rows, n) for each block in order; rows points at its first row.
+  // Walking whole blocks keeps reads contiguous (block_size rows of every head) so the
+  // hardware prefetcher streams them.
+  template <typename Fn>
+  void for_each_block(Fn&& fn) const {
+    for (int64_t b = 0, p = 0; p < len; ++b, p += block_size) {
+      fn(p, cache + table[b] * block_size * row_stride, std::min(block_size, len - p));
+    }
+  }
+
+  // Asks for the block holding `position` to be brought into L2, `width` elements of each row:
+  // blocks sit anywhere in the pool, so the hardware prefetcher cannot guess the next one.
+  void prefetch(int64_t position, int64_t width) const {
+    if (position >= len) return;
+    const char* block = reinterpret_cast<const char*>(cache + table[position / block_size] * block_size * row_stride);
+    const int64_t row_bytes = row_stride * sizeof(T), bytes = width * sizeof(T);
+    for (int64_t i = 0; i < std::min(block_size, len - position / block_size * block_size); ++i) {
+      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(block + i * row_bytes + off, _MM_HINT_T1);
+    }
+  }
+};
+
+// q . k in float32 for one head: q and k both head_dim elements.
+template <typename T>
+inline float dot(const T* q, const T* k, int64_t head_dim) {
+#ifdef KESTREL_AVX512_BF16
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (head_dim % 32 == 0) {
+      // vdpbf16ps: bf16 pairs multiplied exactly and summed in float32, 32 products per op.
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < head_dim; d += 32) {
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
+      }
+      return _mm512_reduce_add_ps(acc);
+    }
+  }
+#endif
+  float sum = 0.f;
+  #pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < head_dim; ++d) sum += f32(q[d]) * f32(k[d]);
+  return sum;
+}
+
+// acc[d] += sum over rows i < n of w[i] * v_i[d], rows `stride` elements apart.
+template <typename T>
+inline void accumulate_rows(const float* w, const T* v, int64_t stride, int64_t n, int64_t head_dim,
+                            float* acc) {
+#ifdef KESTREL_AVX512_BF16
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (head_dim == 64) {
+      __m512 a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16);
+      __m512 a2 = _mm512_loadu_ps(acc + 32), a3 = _mm512_loadu_ps(acc + 48);
+      for (int64_t i = 0; i < n; ++i) {
+        const T* row = v + i * stride;
+        const __m512 wi = _mm512_set1_ps(w[i]);
+        const auto widen = [&](int64_t d) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d));
+          return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        };
+        a0 = _mm512_fmadd_ps(wi, widen(0), a0);
+        a1 = _mm512_fmadd_ps(wi, widen(16), a1);
+        a2 = _mm512_fmadd_ps(wi, widen(32), a2);
+        a3 = _mm512_fmadd_ps(wi, widen(48), a3);
+      }
+      _mm512_storeu_ps(acc, a0);
+      _mm512_storeu_ps(acc + 16, a1);
+      _mm512_storeu_ps(acc + 32, a2);
+      _mm512_storeu_ps(acc + 48, a3);
+      return;
+    }
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = v + i * stride;
+    #pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) acc[d] += w[i] * f32(row[d]);
+  }
+}
+
+// Each row of `scores` ([rows, len]) becomes its softmax.
+inline void softmax_rows(float* scores, int64_t rows, int64_t len) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * len;
+    float mx = -INFINITY, sum = 0.f;
+    #pragma omp simd reduction(max : mx)
+    for (int64_t p = 0; p < len; ++p) mx = std::max(mx, row[p]);
+    #pragma omp simd reduction(+ : sum)
+    for (int64_t p = 0; p < len; ++p) {
+      row[p] = vexp(row[p] - mx);
+      sum += row[p];
+    }
+    const float inv = 1.f / sum;
+    #pragma omp simd
+    for (int64_t p = 0; p < len; ++p) row[p] *= inv;
+  }
+}
+
+// One query token per sequence. q: [num_seqs, num_heads, head_dim] (rows may be strided);
+// caches: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks];
+// context_lens: [num_seqs]. Scores, softmax and the weighted sum of values are float32; each
+// (sequence, head) is computed alone, so a row's result does not depend on the batch.
+template <typename T>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                           at::Tensor& out) {
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
+  const int64_t q_seq_stride = q.stride(0), q_head_stride = q.stride(1);
+  const int64_t row_stride = num_kv_heads * head_dim;
+  const T* qp = ptr<T>(q);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  T* op = ptr<T>(out);
+  const float sc = static_cast<float>(scale);
+  // A work item is one sequence with all its kv heads (contiguous reads), or one kv head of
+  // it when there are too few sequences to keep every thread busy.
+  const int64_t split = num_seqs < at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t heads_per_item = num_kv_heads / split;
+
+  // Sequences differ in length: hand items out one at a time rather than in equal ranges.
+  #pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> scores, acc;
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_seqs * split; ++item) {
+      const int64_t s = item / split, kv_first = (item % split) * heads_per_item;
+      const int64_t len = lens[s], rows = heads_per_item * group;
+      const T* q_first = qp + s * q_seq_stride + kv_first * group * q_head_stride;
+      const PagedContext<T> keys{ptr<T>(k_cache) + kv_first * head_dim, tables + s * max_blocks, block_size, row_stride, len};
+      const PagedContext<T> values{ptr<T>(v_cache) + kv_first * head_dim, tables + s * max_blocks, block_size, row_stride, len};
+      scores.resize(rows * len);
+      acc.assign(rows * head_dim, 0.f);
+      const int64_t width = heads_per_item * head_dim;
+      keys.for_each_block([&](int64_t first, const T* block, int64_t n) {
+        keys.prefetch(first + 2 * block_size, width);
+        values.prefetch(first + 2 * block_size, width);
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t h = 0; h < heads_per_item; ++h) {
+            const T* k = block + i * row_stride + h * head_dim;
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t r = h * group + g;
+              scores[r * len + first + i] = dot(q_first + r * q_head_stride, k, head_dim) * sc;
+            }
+          }
+        }
+      });
+      softmax_rows(scores.data(), rows, len);
+      values.for_each_block([&](int64_t first, const T* block, int64_t n) {
+        for (int64_t h = 0; h < heads_per_item; ++h) {
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t r = h * group + g;
+            accumulate_rows(scores.data() + r * len + first, block + h * head_dim, row_stride, n, head_dim,
+                            acc.data() + r * head_dim);
+          }
+        }
+      });
+      for (int64_t r = 0; r < rows; ++r) {
+        T* o = op + (s * num_heads + kv_first * group + r) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) o[d] = from_f32<T>(acc[r * head_dim + d]);
+      }
+    }
+  }
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  check_cpu_contiguous_rows(q, "q");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [num_seqs, num_heads, head_dim], caches 4-d");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
+              block_tables.is_contiguous() && context_lens.is_contiguous(),
+              "block_tables and context_lens must be contiguous int64");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && q.size(2) == k_cache.size(3), "head shapes do not match");
+  TORCH_CHECK(block_tables.size(0) == q.size(0) && context_lens.numel() == q.size(0), "one table and length per query");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes() &&
+              v_cache.scalar_type() == k_cache.scalar_type(), "q and both caches must share a dtype and shape");
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t max_blocks = block_tables.size(1), block_size = k_cache.size(1);
+  for (int64_t s = 0; s < q.size(0); ++s) {
+    TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size, "context length ", lens[s], " does not fit its block table");
+    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b) {
+      TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < k_cache.size(0), "block id outside the cache");
+    }
+  }
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  dispatch(q.scalar_type(), "paged_decode_attention", [&](auto raw) {
+    using scalar_t = decltype(raw);
+    decode_attention_impl<scalar_t>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kestrel, m) {
+  m.def("rms_norm(Tensor x, Tensor(a!)? residual, Tensor weight, float eps) -> Tensor");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("rotary_and_store(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, int num_heads, "
+        "int num_kv_heads, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping) -> ()");
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rotary_and_store", &rotary_and_store);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}

@@ -1,0 +1,121 @@
+"""The fused CPU kernels against the eager torch code they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import kernels
+from engine.config import RopeConfig
+from engine.layers.rotary import RotaryEmbedding, apply_rotary
+
+ops = kernels.ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="fused CPU kernels unavailable")
+
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bf16 results must be bit-identical (the kernels round where eager ops do); float32 ones
+    may differ in the last bits from summation order."""
+    if got.dtype == torch.bfloat16:
+        assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+    else:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_with_and_without_residual(dtype):
+    torch.manual_seed(0)
+    x, residual, weight = torch.randn(7, 576, dtype=dtype), torch.randn(7, 576, dtype=dtype), torch.randn(576, dtype=dtype)
+
+    def eager(h):
+        return weight * F.rms_norm(h.float(), (576,), None, 1e-5).to(dtype)
+
+    assert_same(ops.rms_norm(x, None, weight, 1e-5), eager(x))
+    updated = residual.clone()
+    out = ops.rms_norm(x, updated, weight, 1e-5)
+    assert torch.equal(updated, residual + x)  # the residual stream, updated in place
+    assert_same(out, eager(residual + x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    torch.manual_seed(0)
+    gate_up = torch.randn(5, 2 * 1536, dtype=dtype) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert_same(ops.silu_and_mul(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_and_store(dtype):
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, tokens = 9, 3, 64, 6
+    rope = RotaryEmbedding(head_dim, 4096, RopeConfig(theta=100000.0))(torch.tensor([0, 1, 7, 100, 2047, 4095]), dtype)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    eager = qkv.view(tokens, -1, head_dim).clone()
+    rotated = apply_rotary(eager[:, : heads + kv_heads], *rope.per_token())
+    k_cache = torch.zeros(8, 4, kv_heads, head_dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([31, 0, 5, 6, 17, 12])
+
+    ops.rotary_and_store(qkv, rope.positions, rope.cos_table, rope.sin_table, heads, kv_heads, k_cache, v_cache, slots)
+
+    got = qkv.view(tokens, -1, head_dim)
+    assert_same(got[:, : heads + kv_heads], rotated)
+    assert torch.equal(got[:, heads + kv_heads :], eager[:, heads + kv_heads :])  # v untouched
+    assert torch.equal(k_cache.view(-1, kv_heads, head_dim)[slots], got[:, heads : heads + kv_heads])
+    assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[slots], eager[:, heads + kv_heads :])
+    assert int((k_cache != 0).any(-1).any(-1).sum()) == tokens  # nothing else written
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 48])  # the vectorised path and the generic one
+def test_paged_decode_attention(dtype, head_dim):
+    torch.manual_seed(0)
+    heads, kv_heads, block_size, num_blocks = 6, 2, 16, 64
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    lens = torch.tensor([1, 16, 17, 300, 45])
+    tables = torch.stack([torch.randperm(num_blocks)[:19] for _ in lens])  # scattered blocks
+    q_rows = torch.randn(len(lens), heads + 7, head_dim, dtype=dtype)  # strided, as in the model
+    q = q_rows[:, :heads]
+    scale = head_dim**-0.5
+
+    out = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+
+    for s, length in enumerate(lens.tolist()):
+        p = torch.arange(length)
+        slots = tables[s, p // block_size] * block_size + p % block_size
+        k = k_cache.view(-1, kv_heads, head_dim)[slots].float().transpose(0, 1)
+        v = v_cache.view(-1, kv_heads, head_dim)[slots].float().transpose(0, 1)
+        want = F.scaled_dot_product_attention(
+            q[s].float().view(kv_heads, heads // kv_heads, head_dim), k, v, scale=scale
+        ).reshape(heads, head_dim)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out[s].float(), want, atol=tolerance, rtol=tolerance)
+        # Each sequence's result is the same alone as in the batch.
+        alone = ops.paged_decode_attention(q[s : s + 1], k_cache, v_cache, tables[s : s + 1], lens[s : s + 1], scale)
+        assert torch.equal(alone[0], out[s])
+
+
+def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
+    q = torch.randn(2, 4, 64, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="int64"):
+        ops.paged_decode_attention(q, cache, cache, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.long), 1.0)
+    with pytest.raises(RuntimeError, match="one table and length per query"):
+        ops.paged_decode_attention(q, cache, cache, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, dtype=torch.long), 1.0)
+    with pytest.raises(RuntimeError, match="does not fit its block table"):
+        ops.paged_decode_attention(q, cache, cache, torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 17]), 1.0)
+    with pytest.raises(RuntimeError, match="block id outside the cache"):
+        ops.paged_decode_attention(q, cache, cache, torch.tensor([[0], [4]]), torch.tensor([1, 1]), 1.0)
+    qkv = torch.zeros(1, 8 * 64, dtype=torch.bfloat16)
+    table = torch.zeros(10, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="outside the rotary table"):
+        ops.rotary_and_store(qkv, torch.tensor([10]), table, table, 4, 2, cache, cache, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.rotary_and_store(qkv, torch.tensor([0]), table, table, 4, 2, cache, cache, torch.tensor([64]))
+    with pytest.raises(RuntimeError, match="float32 and bfloat16"):
+        ops.silu_and_mul(torch.zeros(2, 8, dtype=torch.float64))
