@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from engine import kernels
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import ContextLengthExceeded, RequestError
@@ -75,6 +76,7 @@ class LLMEngine:
         )
         self.device = torch.device(config.device)
         dtype = DTYPES[config.dtype]
+        fused = kernels.available_on(self.device)  # builds them now rather than on the first request
         self.model = load_model(self.model_dir, self.model_config, dtype, self.device)
 
         block_size = config.cache.block_size
@@ -96,9 +98,9 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
         logger.info(
-            "engine ready: %s (%s, %s), max_model_len %d, %d KV blocks of %d tokens",
+            "engine ready: %s (%s, %s), max_model_len %d, %d KV blocks of %d tokens, %s kernels",
             self.model_name, self.model_config.model_type, config.dtype, self.max_model_len,
-            num_blocks, block_size,
+            num_blocks, block_size, "fused CPU" if fused else "eager torch",
         )
 
     # -- requests -------------------------------------------------------------------------

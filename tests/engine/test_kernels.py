@@ -119,3 +119,12 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
         ops.rotary_and_store(qkv, torch.tensor([0]), table, table, 4, 2, cache, cache, torch.tensor([64]))
     with pytest.raises(RuntimeError, match="float32 and bfloat16"):
         ops.silu_and_mul(torch.zeros(2, 8, dtype=torch.float64))
+
+
+def test_a_failed_build_falls_back_to_eager_ops(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KESTREL_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")  # a compiler that always fails
+    monkeypatch.setattr(kernels, "_state", {})
+    assert kernels.ops() is None
+    assert not kernels.available_on(torch.device("cpu"))
+    assert "fused CPU kernels unavailable" in caplog.text
