@@ -33,13 +33,13 @@ def enabled() -> bool:
 
 def ops():
     """torch.ops.kestrel, building the library on the first call; None if unavailable."""
-    if not enabled():
-        return None
-    if "ops" not in _state:
+    try:
+        return _state["ops"]  # the hot path: every fused op call asks
+    except KeyError:
         with _lock:
             if "ops" not in _state:
-                _state["ops"] = _load()
-    return _state["ops"]
+                _state["ops"] = _load() if enabled() else None
+        return _state["ops"]
 
 
 def use_for(x: torch.Tensor):
