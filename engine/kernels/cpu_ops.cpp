@@ -11,12 +11,14 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <type_traits>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
-#include <immintrin.h>
+// Built with -march=native: the AVX-512 bf16 paths exist only where the CPU has them; every
+// kernel also has a portable loop.
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
 #define KESTREL_AVX512_BF16
 #endif
 
@@ -254,7 +256,7 @@ struct PagedContext {
     const char* block = reinterpret_cast<const char*>(cache + table[position / block_size] * block_size * row_stride);
     const int64_t row_bytes = row_stride * sizeof(T), bytes = width * sizeof(T);
     for (int64_t i = 0; i < std::min(block_size, len - position / block_size * block_size); ++i) {
-      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(block + i * row_bytes + off, _MM_HINT_T1);
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(block + i * row_bytes + off, 0, 2);
     }
   }
 };

@@ -12,8 +12,10 @@ sits in the last column and the causal mask is one diagonal for all rows:
     positions read                               -   -   -   0   1   2   3   4
     mask                                         0   0   0   1   1   1   1   1
 
-Decode rectangles (one query per row) are right-padded instead, to a width rounded up to
-DECODE_WIDTH_MULTIPLE, which keeps each row's arithmetic identical to a batch of one:
+On the CPU, decodes (one query per sequence) skip rectangles altogether: the fused kernel
+(engine/kernels) reads each sequence's keys and values straight from its blocks. Elsewhere,
+decode rectangles are right-padded instead, to a width rounded up to DECODE_WIDTH_MULTIPLE,
+which keeps each row's arithmetic identical to a batch of one:
 
     kv_len = 5, width 16                columns: 0   1   2   3   4   5 ... 15
     positions read                               0   1   2   3   4   -     -
@@ -162,9 +164,9 @@ def _split(
 ) -> list[tuple[int, int]]:
     """[first, last) sequence ranges, each read as one rectangle (or one fresh prompt).
 
-    Decodes (unless `group_decodes` is off: the fused kernel reads them), ordered longest first, share a rectangle until the context length halves and the
-    padding the rest would carry outweighs a group's fixed cost, so there are at most ~log2 of
-    them. A prompt with nothing cached is a range of its own; chunks continuing a cached
+    Decodes (unless `group_decodes` is off: the fused kernel reads them), ordered longest
+    first, share a rectangle until the context length halves and the padding the rest would
+    carry outweighs a group's fixed cost, so there are at most ~log2 of them. A prompt with nothing cached is a range of its own; chunks continuing a cached
     prefix share one rectangle.
     """
     ranges = []
@@ -276,15 +278,14 @@ def rotate_and_cache(
     k_cache, v_cache = kv_cache
     num_tokens, head_dim = qkv.shape[0], k_cache.shape[-1]
     num_qk_heads = num_heads + num_kv_heads
+    heads = qkv.view(num_tokens, num_qk_heads + num_kv_heads, head_dim)
     fused = kernels.use_for(qkv)
     if fused is not None:
         fused.rotary_and_store(
             qkv, rope.positions, rope.cos_table, rope.sin_table, num_heads, num_kv_heads,
             k_cache, v_cache, slot_mapping,
-        )  # in place
-        heads = qkv.view(num_tokens, num_qk_heads + num_kv_heads, head_dim)
+        )  # rotates q and k in place
         return heads[:, :num_heads], heads[:, num_heads:num_qk_heads], heads[:, num_qk_heads:]
-    heads = qkv.view(num_tokens, num_qk_heads + num_kv_heads, head_dim)
     qk = apply_rotary(heads[:, :num_qk_heads], *rope.per_token())
     q, k, v = qk[:, :num_heads], qk[:, num_heads:], heads[:, num_qk_heads:]
     store_kv(k, v, kv_cache, slot_mapping)
