@@ -47,6 +47,29 @@ def use_for(x: torch.Tensor):
     return ops() if x.device.type == "cpu" else None
 
 
+def small_linear_fits(weight: torch.Tensor) -> bool:
+    """Whether the AMX small-batch linear can take this weight: bf16 on a CPU with AMX, the
+    kernel permitting it, [out, in] with out % 16 == 0 and in % 32 == 0."""
+    out_features, in_features = weight.shape
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or out_features % 16 or in_features % 32:
+        return False
+    if "small_linear" not in _state:
+        _state["small_linear"] = _try_small_linear()
+    return _state["small_linear"]
+
+
+def _try_small_linear() -> bool:
+    library = ops()
+    if library is None or not hasattr(library, "small_linear"):  # built without AMX
+        return False
+    try:
+        library.small_linear(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(16, 32, dtype=torch.bfloat16), None)
+    except RuntimeError as exc:  # e.g. the OS refuses AMX state
+        logger.warning("AMX small-batch linear unavailable: %s", exc)
+        return False
+    return True
+
+
 def available_on(device: torch.device) -> bool:
     return device.type == "cpu" and ops() is not None
 

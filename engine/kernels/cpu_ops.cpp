@@ -20,6 +20,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define KESTREL_AVX512_BF16
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define KESTREL_AMX
+#endif
 #endif
 
 namespace {
@@ -433,6 +438,84 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+#ifdef KESTREL_AMX
+// ---- Small-batch linear on AMX tiles -------------------------------------------------------
+
+// oneDNN's packed linear (the default) pays a fixed cost per call that dominates when a step
+// has one or a few rows: this reads the plain row-major weight straight into AMX tiles instead.
+// It accumulates in the same order as oneDNN (checked bit for bit by the tests), so a row's
+// result is the same whichever of the two computes it.
+
+bool amx_permitted() {
+  // Linux hands out the AMX register state only on request (once per process).
+  constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool ok = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  return ok;
+}
+
+struct TileConfig {  // the 64-byte layout ldtilecfg expects (palette 1)
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// out[M, N] = x[M, K] @ w[N, K]^T + bias, M <= 16, bf16. The weight is the A operand (16 output
+// features x 32 k per tile, read in place); x, rearranged into bf16 pairs, is the B operand,
+// so each output column (a row of x) is computed on its own.
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_permitted(), "small_linear: the kernel does not allow AMX");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "small_linear: bf16 only");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "small_linear: contiguous 2-d x and w");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M >= 1 && M <= 16 && w.size(1) == K && K % 32 == 0 && N % 16 == 0,
+              "small_linear: needs 1..16 rows, K % 32 == 0 and N % 16 == 0");
+  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kBFloat16, "small_linear: bias");
+  const int64_t k_tiles = K / 32;
+  // B tiles [k_tiles][16 k-pairs][16 rows of x] of bf16 pairs; rows beyond M stay zero.
+  std::vector<uint32_t> b(k_tiles * 256, 0);
+  const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(x.data_ptr());
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t pair = 0; pair < K / 2; ++pair) b[pair * 16 + m] = x_pairs[m * (K / 2) + pair];
+  }
+  auto out = at::empty({M, N}, x.options());
+  uint16_t* op = ptr<uint16_t>(out);
+  const uint16_t* wp = ptr<uint16_t>(w);
+  const uint16_t* bp = bias ? ptr<uint16_t>(*bias) : nullptr;
+  #pragma omp parallel num_threads(at::get_num_threads())
+  {
+    TileConfig config;  // tile 0: C (16 x 16 float), 1: A (weight), 2: B (x)
+    for (int t = 0; t < 3; ++t) {
+      config.rows[t] = 16;
+      config.colsb[t] = 64;
+    }
+    _tile_loadconfig(&config);
+    alignas(64) float c[16 * 16];
+    const __m512i column = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
+    #pragma omp for schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+      _tile_zero(0);
+      for (int64_t k = 0; k < k_tiles; ++k) {
+        _tile_loadd(1, wp + n0 * K + k * 32, K * 2);
+        _tile_loadd(2, b.data() + k * 256, 64);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, c, 64);  // c[feature][row]
+      const __m512 bias16 = bp ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + n0))), 16))
+                               : _mm512_setzero_ps();
+      for (int64_t m = 0; m < M; ++m) {
+        __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(m)), c, 4);
+        if (bp) v = _mm512_add_ps(v, bias16);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + m * N + n0), (__m256i)_mm512_cvtneps_pbh(v));
+      }
+    }
+    _tile_release();
+  }
+  return out;
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY(kestrel, m) {
@@ -442,6 +525,9 @@ TORCH_LIBRARY(kestrel, m) {
         "int num_kv_heads, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping) -> ()");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale) -> Tensor");
+#ifdef KESTREL_AMX
+  m.def("small_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
@@ -449,4 +535,7 @@ TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_and_store", &rotary_and_store);
   m.impl("paged_decode_attention", &paged_decode_attention);
+#ifdef KESTREL_AMX
+  m.impl("small_linear", &small_linear);
+#endif
 }

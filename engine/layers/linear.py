@@ -1,10 +1,17 @@
-"""Linear layers: oneDNN pre-packed weights on CPU, and projections fused along the output dim."""
+"""Linear layers: oneDNN pre-packed weights on CPU (an AMX kernel for steps of a few rows), and
+projections fused along the output dim."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine import kernels
+
+# Up to this many rows (a decode step of up to 16 sequences), the AMX small-batch kernel (one
+# tile of rows) beats oneDNN's packed matmul, whose fixed cost per call dominates there.
+SMALL_BATCH_ROWS = 16
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -16,15 +23,24 @@ class Linear(nn.Linear):
     """nn.Linear that can swap its weight for a pre-packed copy once loading is done."""
 
     packed_weight: torch.Tensor | None = None
+    small_weight: torch.Tensor | None = None  # the plain weight, kept for the small-batch kernel
 
     def pack(self) -> None:
-        """Replace the weight by oneDNN's packed layout where that is faster (bf16 on CPU)."""
+        """Replace the weight by oneDNN's packed layout where that is faster (bf16 on CPU), and
+        keep the plain one too where the small-batch kernel takes its shape."""
         if self.packed_weight is None and can_pack(self.weight):
+            weight = self.weight.detach()
             # The batch-size hint only tunes the layout; any number of rows works.
-            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
-            self.weight = None  # the packed copy is all forward needs (a tied embedding keeps its own)
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            if kernels.small_linear_fits(weight):
+                self.small_weight = weight
+            self.weight = None  # forward needs only these (a tied embedding keeps its own)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.small_weight is not None and x.shape[0] <= SMALL_BATCH_ROWS and x.is_contiguous():
+            fused = kernels.ops()
+            if fused is not None:
+                return fused.small_linear(x, self.small_weight, self.bias)
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

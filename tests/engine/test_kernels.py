@@ -128,3 +128,43 @@ def test_a_failed_build_falls_back_to_eager_ops(tmp_path, monkeypatch, caplog):
     assert kernels.ops() is None
     assert not kernels.available_on(torch.device("cpu"))
     assert "fused CPU kernels unavailable" in caplog.text
+
+
+small_linear = pytest.mark.skipif(
+    not kernels.small_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16)), reason="no AMX small-batch linear"
+)
+
+
+@small_linear
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_small_linear_matches_onednn_bit_for_bit(default_model_dir, rows):
+    """The small-batch kernel must give exactly oneDNN's packed result on the real weights:
+    a step switches between the two by its number of rows, and a sequence's greedy tokens must
+    not depend on what else is in the batch."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    tensors = load_file(str(default_model_dir / "model.safetensors"))
+    names = [n for n in tensors if n.startswith("model.layers.0.") and n.endswith("proj.weight")]
+    assert len(names) == 7
+    for name in names + ["model.embed_tokens.weight"]:
+        weight = tensors[name].to(torch.bfloat16).contiguous()
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        x = torch.randn(rows, weight.shape[1], dtype=torch.bfloat16)
+        bias = torch.randn(weight.shape[0], dtype=torch.bfloat16)
+        for b in (None, bias):
+            want = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+            assert torch.equal(ops.small_linear(x, weight, b), want), name
+
+
+@small_linear
+def test_small_linear_rejects_what_it_cannot_take():
+    w = torch.zeros(32, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="1..16 rows"):
+        ops.small_linear(torch.zeros(17, 64, dtype=torch.bfloat16), w, None)
+    with pytest.raises(RuntimeError, match="K % 32"):
+        ops.small_linear(torch.zeros(1, 48, dtype=torch.bfloat16), torch.zeros(32, 48, dtype=torch.bfloat16), None)
+    with pytest.raises(RuntimeError, match="bf16 only"):
+        ops.small_linear(torch.zeros(1, 64), w.float(), None)
+    assert not kernels.small_linear_fits(torch.zeros(24, 64, dtype=torch.bfloat16))  # 24 % 16
+    assert not kernels.small_linear_fits(torch.zeros(32, 64))  # float32
