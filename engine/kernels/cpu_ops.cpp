@@ -459,23 +459,25 @@ struct TileConfig {  // the 64-byte layout ldtilecfg expects (palette 1)
   uint8_t rows[16] = {};
 };
 
-// out[M, N] = x[M, K] @ w[N, K]^T + bias, M <= 16, bf16. The weight is the A operand (16 output
-// features x 32 k per tile, read in place); x, rearranged into bf16 pairs, is the B operand,
-// so each output column (a row of x) is computed on its own.
+// out[M, N] = x[M, K] @ w[N, K]^T + bias, M <= 64, bf16. The weight is the A operand (16 output
+// features x 32 k per tile, read in place); x, rearranged into bf16 pairs, is the B operand, up
+// to four tiles of 16 rows sharing each weight tile. Each output column (a row of x) is
+// computed on its own, the same way in whichever tile it sits.
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(amx_permitted(), "small_linear: the kernel does not allow AMX");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "small_linear: bf16 only");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "small_linear: contiguous 2-d x and w");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(M >= 1 && M <= 16 && w.size(1) == K && K % 32 == 0 && N % 16 == 0,
-              "small_linear: needs 1..16 rows, K % 32 == 0 and N % 16 == 0");
+  TORCH_CHECK(M >= 1 && M <= 64 && w.size(1) == K && K % 32 == 0 && N % 16 == 0,
+              "small_linear: needs 1..64 rows, K % 32 == 0 and N % 16 == 0");
   if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kBFloat16, "small_linear: bias");
-  const int64_t k_tiles = K / 32;
-  // B tiles [k_tiles][16 k-pairs][16 rows of x] of bf16 pairs; rows beyond M stay zero.
-  std::vector<uint32_t> b(k_tiles * 256, 0);
+  const int64_t k_tiles = K / 32, m_tiles = (M + 15) / 16;
+  // B tiles [m_tiles][k_tiles][16 k-pairs][16 rows of x] of bf16 pairs; rows beyond M stay zero.
+  std::vector<uint32_t> b(m_tiles * k_tiles * 256, 0);
   const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(x.data_ptr());
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t pair = 0; pair < K / 2; ++pair) b[pair * 16 + m] = x_pairs[m * (K / 2) + pair];
+    uint32_t* tile_rows = b.data() + (m / 16) * k_tiles * 256 + m % 16;
+    for (int64_t pair = 0; pair < K / 2; ++pair) tile_rows[pair * 16] = x_pairs[m * (K / 2) + pair];
   }
   auto out = at::empty({M, N}, x.options());
   uint16_t* op = ptr<uint16_t>(out);
@@ -483,8 +485,8 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   const uint16_t* bp = bias ? ptr<uint16_t>(*bias) : nullptr;
   #pragma omp parallel num_threads(at::get_num_threads())
   {
-    TileConfig config;  // tile 0: C (16 x 16 float), 1: A (weight), 2: B (x)
-    for (int t = 0; t < 3; ++t) {
+    TileConfig config;  // tiles 0-3: C (16 x 16 float each), 4: A (weight), 5: B (x)
+    for (int t = 0; t < 6; ++t) {
       config.rows[t] = 16;
       config.colsb[t] = 64;
     }
@@ -495,19 +497,43 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
     #pragma omp for schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += 16) {
       _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
       for (int64_t k = 0; k < k_tiles; ++k) {
-        _tile_loadd(1, wp + n0 * K + k * 32, K * 2);
-        _tile_loadd(2, b.data() + k * 256, 64);
-        _tile_dpbf16ps(0, 1, 2);
+        const uint32_t* bk = b.data() + k * 256;
+        _tile_loadd(4, wp + n0 * K + k * 32, K * 2);
+        _tile_loadd(5, bk, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (m_tiles > 1) {
+          _tile_loadd(5, bk + k_tiles * 256, 64);
+          _tile_dpbf16ps(1, 4, 5);
+        }
+        if (m_tiles > 2) {
+          _tile_loadd(5, bk + 2 * k_tiles * 256, 64);
+          _tile_dpbf16ps(2, 4, 5);
+        }
+        if (m_tiles > 3) {
+          _tile_loadd(5, bk + 3 * k_tiles * 256, 64);
+          _tile_dpbf16ps(3, 4, 5);
+        }
       }
-      _tile_stored(0, c, 64);  // c[feature][row]
       const __m512 bias16 = bp ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + n0))), 16))
                                : _mm512_setzero_ps();
-      for (int64_t m = 0; m < M; ++m) {
-        __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(m)), c, 4);
-        if (bp) v = _mm512_add_ps(v, bias16);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + m * N + n0), (__m256i)_mm512_cvtneps_pbh(v));
+      for (int64_t t = 0; t < m_tiles; ++t) {
+        switch (t) {  // tile numbers must be constants
+          case 0: _tile_stored(0, c, 64); break;
+          case 1: _tile_stored(1, c, 64); break;
+          case 2: _tile_stored(2, c, 64); break;
+          default: _tile_stored(3, c, 64);
+        }
+        // c[feature][row] -> out[row][n0 .. n0 + 15]
+        for (int64_t m = t * 16; m < std::min(M, t * 16 + 16); ++m) {
+          __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(m - t * 16)), c, 4);
+          if (bp) v = _mm512_add_ps(v, bias16);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + m * N + n0), (__m256i)_mm512_cvtneps_pbh(v));
+        }
       }
     }
     _tile_release();
