@@ -16,7 +16,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import ContextLengthExceeded, RequestError
 from engine.kv_cache import allocate_kv_cache, num_kv_blocks
-from engine.loader import load_model
+from engine.loader import available_memory_bytes, load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.request import FinishReason, Request, Sequence
@@ -29,17 +29,6 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
-def available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else a conservative 4 GiB."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
 
 
 def load_generation_defaults(model_dir: Path) -> dict[str, Any]:

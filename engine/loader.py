@@ -62,8 +62,21 @@ def load_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, iter_checkpoint(model_dir))
-    pack_linear_weights(model)
+    # The small-batch kernel needs the plain weights beside oneDNN's packed copies: worth it
+    # for small models, not for one whose second copy would crowd out the rest of the memory.
+    pack_linear_weights(model, plain_copy_budget=available_memory_bytes() // 4)
     return model.eval()
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else a conservative 4 GiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
 
 
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:

@@ -25,14 +25,14 @@ class Linear(nn.Linear):
     packed_weight: torch.Tensor | None = None
     small_weight: torch.Tensor | None = None  # the plain weight, kept for the small-batch kernel
 
-    def pack(self) -> None:
+    def pack(self, keep_plain: bool = True) -> None:
         """Replace the weight by oneDNN's packed layout where that is faster (bf16 on CPU), and
-        keep the plain one too where the small-batch kernel takes its shape."""
+        (with `keep_plain`) keep the plain one too where the small-batch kernel takes its shape."""
         if self.packed_weight is None and can_pack(self.weight):
             weight = self.weight.detach()
             # The batch-size hint only tunes the layout; any number of rows works.
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-            if kernels.small_linear_fits(weight):
+            if keep_plain and kernels.small_linear_fits(weight):
                 self.small_weight = weight
             self.weight = None  # forward needs only these (a tied embedding keeps its own)
 
@@ -62,7 +62,11 @@ class MergedLinear(Linear):
         return slice(start, start + self.output_sizes[shard])
 
 
-def pack_linear_weights(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.pack()
+def pack_linear_weights(model: nn.Module, plain_copy_budget: int | None = None) -> None:
+    """Pack every Linear; keep plain weights for the small-batch kernel unless together they
+    take more than `plain_copy_budget` bytes (None: no limit)."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    plain_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears if m.weight is not None)
+    keep_plain = plain_copy_budget is None or plain_bytes <= plain_copy_budget
+    for module in linears:
+        module.pack(keep_plain)

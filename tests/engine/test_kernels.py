@@ -168,3 +168,22 @@ def test_small_linear_rejects_what_it_cannot_take():
         ops.small_linear(torch.zeros(1, 64), w.float(), None)
     assert not kernels.small_linear_fits(torch.zeros(24, 64, dtype=torch.bfloat16))  # 24 % 16
     assert not kernels.small_linear_fits(torch.zeros(32, 64))  # float32
+
+
+@small_linear
+def test_plain_weights_are_kept_only_within_the_budget():
+    from torch import nn
+
+    from engine.layers.linear import Linear, pack_linear_weights
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(Linear(64, 32, bias=True), Linear(32, 48)).to(torch.bfloat16)  # 48 % 16 == 0
+
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    roomy, tight = model(), model()
+    pack_linear_weights(roomy, plain_copy_budget=None)
+    pack_linear_weights(tight, plain_copy_budget=1024)  # less than the weights take
+    assert all(m.small_weight is not None for m in roomy)
+    assert all(m.small_weight is None and m.packed_weight is not None for m in tight)
+    assert torch.equal(roomy(x), tight(x))  # the two paths agree bit for bit
