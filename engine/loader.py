@@ -62,9 +62,9 @@ def load_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, iter_checkpoint(model_dir))
-    # The small-batch kernel needs the plain weights beside oneDNN's packed copies: worth it
-    # for small models, not for one whose second copy would crowd out the rest of the memory.
-    pack_linear_weights(model, plain_copy_budget=available_memory_bytes() // 4)
+    # The AMX kernel needs its own copy of the weights beside oneDNN's packed one: worth it for
+    # small models, not for one whose second copy would crowd out the rest of the memory.
+    pack_linear_weights(model, amx_copy_budget=available_memory_bytes() // 4)
     return model.eval()
 
 

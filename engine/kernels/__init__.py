@@ -47,25 +47,33 @@ def use_for(x: torch.Tensor):
     return ops() if x.device.type == "cpu" else None
 
 
-def small_linear_fits(weight: torch.Tensor) -> bool:
-    """Whether the AMX small-batch linear can take this weight: bf16 on a CPU with AMX, the
-    kernel permitting it, [out, in] with out % 16 == 0 and in % 32 == 0."""
+def amx_linear_fits(weight: torch.Tensor) -> bool:
+    """Whether the AMX linear can take this weight: bf16 on a CPU with AMX, the OS permitting
+    it, [out, in] with out % 16 == 0 and in % 32 == 0."""
     out_features, in_features = weight.shape
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or out_features % 16 or in_features % 32:
         return False
-    if "small_linear" not in _state:
-        _state["small_linear"] = _try_small_linear()
-    return _state["small_linear"]
+    if "amx_linear" not in _state:
+        _state["amx_linear"] = _try_amx_linear()
+    return _state["amx_linear"]
 
 
-def _try_small_linear() -> bool:
+def amx_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """A [out, in] weight rearranged as the AMX linear reads it: [out / 16, in / 32] tiles of
+    16 k-pairs x 16 outputs x 2, i.e. [out / 16, in / 32, 16, 16, 2]."""
+    out_features, in_features = weight.shape
+    tiles = weight.view(out_features // 16, 16, in_features // 32, 16, 2)
+    return tiles.permute(0, 2, 3, 1, 4).contiguous()
+
+
+def _try_amx_linear() -> bool:
     library = ops()
-    if library is None or not hasattr(library, "small_linear"):  # built without AMX
+    if library is None or not hasattr(library, "amx_linear"):  # built without AMX
         return False
     try:
-        library.small_linear(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(16, 32, dtype=torch.bfloat16), None)
+        library.amx_linear(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(1, 1, 16, 16, 2, dtype=torch.bfloat16), None)
     except RuntimeError as exc:  # e.g. the OS refuses AMX state
-        logger.warning("AMX small-batch linear unavailable: %s", exc)
+        logger.warning("AMX linear unavailable: %s", exc)
         return False
     return True
 

@@ -439,12 +439,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 }
 
 #ifdef KESTREL_AMX
-// ---- Small-batch linear on AMX tiles -------------------------------------------------------
+// ---- Linear on AMX tiles --------------------------------------------------------------------
 
-// oneDNN's packed linear (the default) pays a fixed cost per call that dominates when a step
-// has one or a few rows: this reads the plain row-major weight straight into AMX tiles instead.
-// It accumulates in the same order as oneDNN (checked bit for bit by the tests), so a row's
-// result is the same whichever of the two computes it.
+// oneDNN's packed linear pays a fixed cost per call that dominates when a step has a few rows
+// (decoding); this one streams the weight through AMX tiles with none of it. It accumulates in
+// the same order as oneDNN (checked bit for bit by the tests), so a row's result is the same
+// whichever of the two computes it.
 
 bool amx_permitted() {
   // Linux hands out the AMX register state only on request (once per process).
@@ -459,80 +459,98 @@ struct TileConfig {  // the 64-byte layout ldtilecfg expects (palette 1)
   uint8_t rows[16] = {};
 };
 
-// out[M, N] = x[M, K] @ w[N, K]^T + bias, M <= 64, bf16. The weight is the A operand (16 output
-// features x 32 k per tile, read in place); x, rearranged into bf16 pairs, is the B operand, up
-// to four tiles of 16 rows sharing each weight tile. Each output column (a row of x) is
-// computed on its own, the same way in whichever tile it sits.
-at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(amx_permitted(), "small_linear: the kernel does not allow AMX");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "small_linear: bf16 only");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "small_linear: contiguous 2-d x and w");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(M >= 1 && M <= 64 && w.size(1) == K && K % 32 == 0 && N % 16 == 0,
-              "small_linear: needs 1..64 rows, K % 32 == 0 and N % 16 == 0");
-  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kBFloat16, "small_linear: bias");
-  const int64_t k_tiles = K / 32, m_tiles = (M + 15) / 16;
-  // B tiles [m_tiles][k_tiles][16 k-pairs][16 rows of x] of bf16 pairs; rows beyond M stay zero.
-  std::vector<uint32_t> b(m_tiles * k_tiles * 256, 0);
-  const uint32_t* x_pairs = reinterpret_cast<const uint32_t*>(x.data_ptr());
-  for (int64_t m = 0; m < M; ++m) {
-    uint32_t* tile_rows = b.data() + (m / 16) * k_tiles * 256 + m % 16;
-    for (int64_t pair = 0; pair < K / 2; ++pair) tile_rows[pair * 16] = x_pairs[m * (K / 2) + pair];
-  }
+// out[M, N] = x[M, K] @ w^T + bias for any M, bf16, with w pre-packed by the caller into AMX
+// B tiles: [N / 16][K / 32][16 k-pairs][16 outputs][2] (see engine/layers/linear.py). x rows are
+// the A operand, read in place 16 at a time; each output element sums its k-pairs in order,
+// the same whatever M is.
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w_tiles, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_permitted(), "amx_linear: the kernel does not allow AMX");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w_tiles.scalar_type() == at::kBFloat16, "amx_linear: bf16 only");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && w_tiles.dim() == 5 && w_tiles.is_contiguous(),
+              "amx_linear: x [M, K] with unit column stride, w as [N/16, K/32, 16, 16, 2] tiles");
+  const int64_t M = x.size(0), K = x.size(1), n_tiles = w_tiles.size(0), k_tiles = w_tiles.size(1);
+  const int64_t N = n_tiles * 16, x_stride = x.stride(0);
+  TORCH_CHECK(K == k_tiles * 32, "amx_linear: x has ", K, " columns, the weight ", k_tiles * 32);
+  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kBFloat16, "amx_linear: bias");
   auto out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
   uint16_t* op = ptr<uint16_t>(out);
-  const uint16_t* wp = ptr<uint16_t>(w);
+  const uint16_t* xp = ptr<uint16_t>(x);
+  const uint16_t* wp = ptr<uint16_t>(w_tiles);
   const uint16_t* bp = bias ? ptr<uint16_t>(*bias) : nullptr;
+  // The last, partial group of 16 rows is read from a zero-padded copy.
+  const int64_t full_rows = M / 16 * 16, tail = M - full_rows;
+  std::vector<uint16_t> padded(tail ? 16 * K : 0, 0);
+  for (int64_t r = 0; r < tail; ++r) std::memcpy(padded.data() + r * K, xp + (full_rows + r) * x_stride, K * 2);
+  const auto rows_at = [&](int64_t m0, int64_t& stride) -> const uint16_t* {
+    if (m0 < full_rows) {
+      stride = x_stride;
+      return xp + m0 * x_stride;
+    }
+    stride = K;
+    return padded.data();
+  };
+  // Rows in super-blocks that stay in L2 while every weight tile streams past them once.
+  const int64_t block_rows = std::max<int64_t>(64, (256 * 1024 / (K * 2)) / 64 * 64);
   #pragma omp parallel num_threads(at::get_num_threads())
   {
-    TileConfig config;  // tiles 0-3: C (16 x 16 float each), 4: A (weight), 5: B (x)
+    TileConfig config;  // tiles 0-3: C (16 rows x 16 outputs, float), 4: A (x), 5: B (weight)
     for (int t = 0; t < 6; ++t) {
       config.rows[t] = 16;
       config.colsb[t] = 64;
     }
     _tile_loadconfig(&config);
     alignas(64) float c[16 * 16];
-    const __m512i column = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
-    #pragma omp for schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += 16) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t k = 0; k < k_tiles; ++k) {
-        const uint32_t* bk = b.data() + k * 256;
-        _tile_loadd(4, wp + n0 * K + k * 32, K * 2);
-        _tile_loadd(5, bk, 64);
-        _tile_dpbf16ps(0, 4, 5);
-        if (m_tiles > 1) {
-          _tile_loadd(5, bk + k_tiles * 256, 64);
-          _tile_dpbf16ps(1, 4, 5);
-        }
-        if (m_tiles > 2) {
-          _tile_loadd(5, bk + 2 * k_tiles * 256, 64);
-          _tile_dpbf16ps(2, 4, 5);
-        }
-        if (m_tiles > 3) {
-          _tile_loadd(5, bk + 3 * k_tiles * 256, 64);
-          _tile_dpbf16ps(3, 4, 5);
-        }
-      }
-      const __m512 bias16 = bp ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + n0))), 16))
-                               : _mm512_setzero_ps();
-      for (int64_t t = 0; t < m_tiles; ++t) {
-        switch (t) {  // tile numbers must be constants
-          case 0: _tile_stored(0, c, 64); break;
-          case 1: _tile_stored(1, c, 64); break;
-          case 2: _tile_stored(2, c, 64); break;
-          default: _tile_stored(3, c, 64);
-        }
-        // c[feature][row] -> out[row][n0 .. n0 + 15]
-        for (int64_t m = t * 16; m < std::min(M, t * 16 + 16); ++m) {
-          __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(m - t * 16)), c, 4);
-          if (bp) v = _mm512_add_ps(v, bias16);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + m * N + n0), (__m256i)_mm512_cvtneps_pbh(v));
+    for (int64_t block = 0; block < M; block += block_rows) {
+      const int64_t block_end = std::min(M, block + block_rows);
+      #pragma omp for schedule(static)
+      for (int64_t nt = 0; nt < n_tiles; ++nt) {
+        const uint16_t* w_n = wp + nt * k_tiles * 512;
+        for (int64_t m0 = block; m0 < block_end; m0 += 64) {
+          const int64_t groups = std::min<int64_t>(4, (block_end - m0 + 15) / 16);
+          int64_t s0, s1, s2, s3;
+          const uint16_t* a0 = rows_at(m0, s0);
+          const uint16_t* a1 = groups > 1 ? rows_at(m0 + 16, s1) : a0;
+          const uint16_t* a2 = groups > 2 ? rows_at(m0 + 32, s2) : a0;
+          const uint16_t* a3 = groups > 3 ? rows_at(m0 + 48, s3) : a0;
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t k = 0; k < k_tiles; ++k) {
+            _tile_loadd(5, w_n + k * 512, 64);
+            _tile_loadd(4, a0 + k * 32, s0 * 2);
+            _tile_dpbf16ps(0, 4, 5);
+            if (groups > 1) {
+              _tile_loadd(4, a1 + k * 32, s1 * 2);
+              _tile_dpbf16ps(1, 4, 5);
+            }
+            if (groups > 2) {
+              _tile_loadd(4, a2 + k * 32, s2 * 2);
+              _tile_dpbf16ps(2, 4, 5);
+            }
+            if (groups > 3) {
+              _tile_loadd(4, a3 + k * 32, s3 * 2);
+              _tile_dpbf16ps(3, 4, 5);
+            }
+          }
+          const __m512 bias16 = bp ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + nt * 16))), 16))
+                                   : _mm512_setzero_ps();
+          for (int64_t g = 0; g < groups; ++g) {
+            switch (g) {  // tile numbers must be constants
+              case 0: _tile_stored(0, c, 64); break;
+              case 1: _tile_stored(1, c, 64); break;
+              case 2: _tile_stored(2, c, 64); break;
+              default: _tile_stored(3, c, 64);
+            }
+            for (int64_t r = 0; r < 16 && m0 + g * 16 + r < M; ++r) {
+              __m512 v = _mm512_load_ps(c + r * 16);
+              if (bp) v = _mm512_add_ps(v, bias16);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + g * 16 + r) * N + nt * 16),
+                                  (__m256i)_mm512_cvtneps_pbh(v));
+            }
+          }
         }
       }
     }
@@ -552,7 +570,7 @@ TORCH_LIBRARY(kestrel, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale) -> Tensor");
 #ifdef KESTREL_AMX
-  m.def("small_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("amx_linear(Tensor x, Tensor w_tiles, Tensor? bias) -> Tensor");
 #endif
 }
 
@@ -562,6 +580,6 @@ TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
   m.impl("rotary_and_store", &rotary_and_store);
   m.impl("paged_decode_attention", &paged_decode_attention);
 #ifdef KESTREL_AMX
-  m.impl("small_linear", &small_linear);
+  m.impl("amx_linear", &amx_linear);
 #endif
 }

@@ -130,17 +130,16 @@ def test_a_failed_build_falls_back_to_eager_ops(tmp_path, monkeypatch, caplog):
     assert "fused CPU kernels unavailable" in caplog.text
 
 
-small_linear = pytest.mark.skipif(
-    not kernels.small_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16)), reason="no AMX small-batch linear"
+amx = pytest.mark.skipif(
+    not kernels.amx_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16)), reason="no AMX linear"
 )
 
 
-@small_linear
-@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40, 64])
-def test_small_linear_matches_onednn_bit_for_bit(default_model_dir, rows):
-    """The small-batch kernel must give exactly oneDNN's packed result on the real weights:
-    a step switches between the two by its number of rows, and a sequence's greedy tokens must
-    not depend on what else is in the batch."""
+@amx
+def test_amx_linear_matches_onednn_bit_for_bit(default_model_dir):
+    """The AMX kernel must give exactly oneDNN's packed result on the real weights: a step
+    switches between the two by its number of rows, and a sequence's greedy tokens must not
+    depend on what else is in the batch."""
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
@@ -150,28 +149,43 @@ def test_small_linear_matches_onednn_bit_for_bit(default_model_dir, rows):
     for name in names + ["model.embed_tokens.weight"]:
         weight = tensors[name].to(torch.bfloat16).contiguous()
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        x = torch.randn(rows, weight.shape[1], dtype=torch.bfloat16)
+        tiles = kernels.amx_tiles(weight)
         bias = torch.randn(weight.shape[0], dtype=torch.bfloat16)
-        for b in (None, bias):
-            want = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
-            assert torch.equal(ops.small_linear(x, weight, b), want), name
+        for rows in (1, 5, 16, 17, 64, 100):
+            x = torch.randn(rows, weight.shape[1], dtype=torch.bfloat16)
+            for b in (None, bias):
+                want = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+                assert torch.equal(ops.amx_linear(x, tiles, b), want), (name, rows)
 
 
-@small_linear
-def test_small_linear_rejects_what_it_cannot_take():
-    w = torch.zeros(32, 64, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="1..64 rows"):
-        ops.small_linear(torch.zeros(65, 64, dtype=torch.bfloat16), w, None)
-    with pytest.raises(RuntimeError, match="K % 32"):
-        ops.small_linear(torch.zeros(1, 48, dtype=torch.bfloat16), torch.zeros(32, 48, dtype=torch.bfloat16), None)
+@amx
+def test_amx_linear_rows_do_not_depend_on_each_other():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 128, dtype=torch.bfloat16)
+    tiles = kernels.amx_tiles(weight)
+    x = torch.randn(70, 128, dtype=torch.bfloat16)
+    batch = ops.amx_linear(x, tiles, None)
+    alone = torch.cat([ops.amx_linear(x[i : i + 1], tiles, None) for i in range(70)])
+    assert torch.equal(batch, alone)
+    torch.testing.assert_close(batch.float(), x.float() @ weight.float().T, atol=0.05, rtol=0.02)
+    wide = torch.randn(70, 200, dtype=torch.bfloat16)[:, :128]  # rows 200 apart
+    assert torch.equal(ops.amx_linear(wide, tiles, None), ops.amx_linear(wide.contiguous(), tiles, None))
+
+
+@amx
+def test_amx_linear_rejects_what_it_cannot_take():
+    tiles = torch.zeros(2, 2, 16, 16, 2, dtype=torch.bfloat16)  # a [32, 64] weight
+    with pytest.raises(RuntimeError, match="the weight 64"):
+        ops.amx_linear(torch.zeros(1, 96, dtype=torch.bfloat16), tiles, None)
     with pytest.raises(RuntimeError, match="bf16 only"):
-        ops.small_linear(torch.zeros(1, 64), w.float(), None)
-    assert not kernels.small_linear_fits(torch.zeros(24, 64, dtype=torch.bfloat16))  # 24 % 16
-    assert not kernels.small_linear_fits(torch.zeros(32, 64))  # float32
+        ops.amx_linear(torch.zeros(1, 64), tiles.float(), None)
+    assert not kernels.amx_linear_fits(torch.zeros(24, 64, dtype=torch.bfloat16))  # 24 % 16
+    assert not kernels.amx_linear_fits(torch.zeros(32, 48, dtype=torch.bfloat16))  # 48 % 32
+    assert not kernels.amx_linear_fits(torch.zeros(32, 64))  # float32
 
 
-@small_linear
-def test_plain_weights_are_kept_only_within_the_budget():
+@amx
+def test_amx_copies_are_made_only_within_the_budget():
     from torch import nn
 
     from engine.layers.linear import Linear, pack_linear_weights
@@ -182,8 +196,8 @@ def test_plain_weights_are_kept_only_within_the_budget():
 
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     roomy, tight = model(), model()
-    pack_linear_weights(roomy, plain_copy_budget=None)
-    pack_linear_weights(tight, plain_copy_budget=1024)  # less than the weights take
-    assert all(m.small_weight is not None for m in roomy)
-    assert all(m.small_weight is None and m.packed_weight is not None for m in tight)
+    pack_linear_weights(roomy, amx_copy_budget=None)
+    pack_linear_weights(tight, amx_copy_budget=1024)  # less than the weights take
+    assert all(m.amx_weight is not None for m in roomy)
+    assert all(m.amx_weight is None and m.packed_weight is not None for m in tight)
     assert torch.equal(roomy(x), tight(x))  # the two paths agree bit for bit
