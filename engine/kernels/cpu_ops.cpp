@@ -518,6 +518,9 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w_tiles, const c10:
           _tile_zero(2);
           _tile_zero(3);
           for (int64_t k = 0; k < k_tiles; ++k) {
+            // The weight streams from memory once: ask for the tiles 8 KiB ahead.
+            const char* ahead = reinterpret_cast<const char*>(w_n + k * 512) + 8192;
+            for (int line = 0; line < 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
             _tile_loadd(5, w_n + k * 512, 64);
             _tile_loadd(4, a0 + k * 32, s0 * 2);
             _tile_dpbf16ps(0, 4, 5);
