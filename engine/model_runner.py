@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine import kernels
 from engine.block_manager import BlockManager
 from engine.layers.attention import KVCache, build_attention_metadata
 from engine.scheduler import ScheduledSequence
@@ -18,6 +19,7 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_manager = block_manager
         self.device = device
+        self.paged_decode = kernels.use_for(kv_caches[0][0]) is not None  # the fused decode kernel
         # Rectangular-batch accounting for the benchmarks: key slots read vs. real context tokens.
         self.num_kv_slots_read = 0
         self.num_kv_slots_used = 0
@@ -41,7 +43,7 @@ class ModelRunner:
                 sample_rows.append(row)
                 sampled.append(i)
         positions, meta = build_attention_metadata(
-            tables, computed, new, self.block_manager.block_size, self.device
+            tables, computed, new, self.block_manager.block_size, self.device, self.paged_decode
         )
         self.num_kv_slots_read += meta.num_kv_slots_read
         self.num_kv_slots_used += meta.num_kv_slots_used

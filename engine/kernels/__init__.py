@@ -42,9 +42,12 @@ def ops():
         return _state["ops"]
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def use_for(x: torch.Tensor):
-    """The fused ops if they apply to tensors like `x` (CPU), else None."""
-    return ops() if x.device.type == "cpu" else None
+    """The fused ops if they apply to tensors like `x` (CPU, float32 or bf16), else None."""
+    return ops() if x.device.type == "cpu" and x.dtype in KERNEL_DTYPES else None
 
 
 def amx_linear_fits(weight: torch.Tensor) -> bool:
@@ -112,7 +115,7 @@ def _cpu_flags() -> bytes:
 def _build(build_dir: Path) -> None:
     from torch.utils.cpp_extension import load
 
-    logger.info("compiling fused CPU kernels into %s (once, about 30 s)", build_dir)
+    logger.info("compiling fused CPU kernels into %s (once, about 20 s)", build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     # The ninja that pip installs sits next to this interpreter, which may not be on PATH.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")

@@ -89,18 +89,16 @@ def build_attention_metadata(
     num_new_tokens: list[int],
     block_size: int,
     device: torch.device | str = "cpu",
-    paged_decode: bool | None = None,
+    paged_decode: bool = False,
 ) -> tuple[torch.Tensor, AttentionMetadata]:
     """Positions [num_tokens] and attention metadata for one step.
 
     Sequences with one new token (decodes) must come before those with several (prefills).
-    With `paged_decode` (the default where the fused kernels run) the decodes are read straight
-    from their blocks. Otherwise consecutive sequences of one kind share a rectangle until
+    With `paged_decode` (where the fused kernels run: `kernels.use_for(kv cache)`) the decodes
+    are read straight from their blocks. Otherwise consecutive sequences of one kind share a rectangle until
     padding would cost more than a new one, so ordering each kind by context length (longest
     first) keeps padding low.
     """
-    if paged_decode is None:
-        paged_decode = kernels.available_on(torch.device(device))
     num_seqs = len(block_tables)
     num_decodes = 0
     while num_decodes < num_seqs and num_new_tokens[num_decodes] == 1:
@@ -166,8 +164,8 @@ def _split(
 
     Decodes (unless `group_decodes` is off: the fused kernel reads them), ordered longest
     first, share a rectangle until the context length halves and the padding the rest would
-    carry outweighs a group's fixed cost, so there are at most ~log2 of them. A prompt with nothing cached is a range of its own; chunks continuing a cached
-    prefix share one rectangle.
+    carry outweighs a group's fixed cost, so there are at most ~log2 of them. A prompt with
+    nothing cached is a range of its own; chunks continuing a cached prefix share one rectangle.
     """
     ranges = []
     first, max_kv = 0, 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from engine import kernels
 from engine.kv_cache import allocate_kv_cache
 from engine.layers.attention import build_attention_metadata
 
@@ -23,6 +24,7 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, block_
     """Prefill all prompts in one step, then decode them together."""
     lengths = [len(p) for p in prompts]
     cache, tables = _cache_for(model, [n + max_new_tokens for n in lengths], block_size)
+    paged = kernels.use_for(cache[0][0]) is not None  # decodes through the fused kernel, as the runner does
     positions, meta = build_attention_metadata(tables, [0] * len(prompts), lengths, block_size)
     hidden = model(torch.tensor([t for p in prompts for t in p]), positions, cache, meta)
     last_rows = torch.tensor(lengths).cumsum(0) - 1
@@ -30,7 +32,9 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, block_
     outputs = [[int(t)] for t in next_ids]
     computed = list(lengths)
     for _ in range(max_new_tokens - 1):
-        positions, meta = build_attention_metadata(tables, computed, [1] * len(prompts), block_size)
+        positions, meta = build_attention_metadata(
+            tables, computed, [1] * len(prompts), block_size, paged_decode=paged
+        )
         next_ids = model.compute_logits(model(next_ids, positions, cache, meta)).argmax(-1)
         computed = [n + 1 for n in computed]
         for out, t in zip(outputs, next_ids):

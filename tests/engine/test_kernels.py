@@ -201,3 +201,15 @@ def test_amx_copies_are_made_only_within_the_budget():
     assert all(m.amx_weight is not None for m in roomy)
     assert all(m.amx_weight is None and m.packed_weight is not None for m in tight)
     assert torch.equal(roomy(x), tight(x))  # the two paths agree bit for bit
+
+
+def test_a_float16_model_runs_on_the_eager_ops(default_model_dir):
+    """The kernels take float32 and bf16 only: a float16 engine must route around them."""
+    from engine import LLM, SamplingParams
+
+    assert kernels.use_for(torch.zeros(1, dtype=torch.float16)) is None
+    llm = LLM(str(default_model_dir), dtype="float16")
+    assert not llm.engine.runner.paged_decode
+    [result] = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert result.error is None and len(result.completions[0].token_ids) == 8
+    assert "Paris" in result.completions[0].text
