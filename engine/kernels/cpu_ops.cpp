@@ -192,6 +192,9 @@ void rotary_and_store(at::Tensor& qkv, const at::Tensor& positions, const at::Te
               "cos, sin and the caches must be contiguous");
   TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong,
               "positions and slot_mapping must be int64");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&cos, &sin, &k_cache, &v_cache}) {
+    TORCH_CHECK(t->scalar_type() == qkv.scalar_type(), "cos, sin and the caches must have qkv's dtype");
+  }
   const int64_t tokens = qkv.size(0), head_dim = cos.size(1), half = head_dim / 2;
   TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim, "qkv width does not match the heads");
   TORCH_CHECK(positions.numel() == tokens && slot_mapping.numel() == tokens, "one position and slot per token");
@@ -201,7 +204,7 @@ void rotary_and_store(at::Tensor& qkv, const at::Tensor& positions, const at::Te
   const int64_t num_slots = k_cache.numel() / kv_width;
   for (int64_t t = 0; t < tokens; ++t) {
     TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "position ", pos[t], " outside the rotary table");
-    TORCH_CHECK(slots[t] < num_slots, "slot ", slots[t], " outside the cache");
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "slot ", slots[t], " outside the cache");
   }
   dispatch(qkv.scalar_type(), "rotary_and_store", [&](auto raw) {
     using scalar_t = decltype(raw);
@@ -221,14 +224,11 @@ void rotary_and_store(at::Tensor& qkv, const at::Tensor& positions, const at::Te
           for (int64_t i = 0; i < head_dim; ++i) x[i] = f32(v[i]);
           for (int64_t i = 0; i < head_dim; ++i) {
             const float swapped = x[i < half ? i + half : i - half];
-            v[i] = from_f32<scalar_t>(rounded<scalar_t>(x[i] * f32(c[i])) +
-                                         rounded<scalar_t>(swapped * f32(s[i])));
+            v[i] = from_f32<scalar_t>(rounded<scalar_t>(x[i] * f32(c[i])) + rounded<scalar_t>(swapped * f32(s[i])));
           }
         }
-        if (slots[t] >= 0) {
-          std::copy_n(row + num_heads * head_dim, kv_width, kc + slots[t] * kv_width);
-          std::copy_n(row + num_heads * head_dim + kv_width, kv_width, vc + slots[t] * kv_width);
-        }
+        std::copy_n(row + num_heads * head_dim, kv_width, kc + slots[t] * kv_width);
+        std::copy_n(row + num_heads * head_dim + kv_width, kv_width, vc + slots[t] * kv_width);
       }
     });
   });

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +14,19 @@ from engine.config import RopeConfig
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
 
 ops = kernels.ops()
-pytestmark = pytest.mark.skipif(ops is None, reason="fused CPU kernels unavailable")
+
+
+def test_the_kernels_build_where_a_compiler_is():
+    """Everything below skips without the kernels: a broken build must fail here instead."""
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None or not kernels.enabled():
+        pytest.skip("no C++ compiler, or kernels disabled")
+    assert ops is not None, "cpu_ops.cpp did not build: see the warning logged by engine.kernels"
+    if b"amx_bf16" in kernels._cpu_flags().split():
+        assert kernels.amx_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16)), "this CPU has AMX"
+
+
+needs_ops = pytest.mark.skipif(ops is None, reason="fused CPU kernels unavailable")
 
 DTYPES = [torch.bfloat16, torch.float32]
 
@@ -25,6 +40,7 @@ def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+@needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_with_and_without_residual(dtype):
     torch.manual_seed(0)
@@ -40,6 +56,7 @@ def test_rms_norm_with_and_without_residual(dtype):
     assert_same(out, eager(residual + x))
 
 
+@needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype):
     torch.manual_seed(0)
@@ -48,6 +65,7 @@ def test_silu_and_mul(dtype):
     assert_same(ops.silu_and_mul(gate_up), F.silu(gate) * up)
 
 
+@needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rotary_and_store(dtype):
     torch.manual_seed(0)
@@ -70,6 +88,7 @@ def test_rotary_and_store(dtype):
     assert int((k_cache != 0).any(-1).any(-1).sum()) == tokens  # nothing else written
 
 
+@needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 48])  # the vectorised path and the generic one
 def test_paged_decode_attention(dtype, head_dim):
@@ -100,6 +119,7 @@ def test_paged_decode_attention(dtype, head_dim):
         assert torch.equal(alone[0], out[s])
 
 
+@needs_ops
 def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     q = torch.randn(2, 4, 64, dtype=torch.bfloat16)
     cache = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
@@ -117,6 +137,8 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
         ops.rotary_and_store(qkv, torch.tensor([10]), table, table, 4, 2, cache, cache, torch.tensor([0]))
     with pytest.raises(RuntimeError, match="outside the cache"):
         ops.rotary_and_store(qkv, torch.tensor([0]), table, table, 4, 2, cache, cache, torch.tensor([64]))
+    with pytest.raises(RuntimeError, match="qkv's dtype"):
+        ops.rotary_and_store(qkv, torch.tensor([0]), table, table, 4, 2, cache.float(), cache.float(), torch.tensor([0]))
     with pytest.raises(RuntimeError, match="float32 and bfloat16"):
         ops.silu_and_mul(torch.zeros(2, 8, dtype=torch.float64))
 
