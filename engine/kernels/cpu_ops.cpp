@@ -1,5 +1,6 @@
 // Fused CPU kernels for one decode step: the eager versions cost a few microseconds of
-// dispatch per op and a gather copy of every sequence's keys and values per layer.
+// dispatch per op, a gather copy of every sequence's keys and values per layer, and oneDNN's
+// fixed cost per matmul call.
 //
 // Every kernel rounds to the model dtype at the same points as the eager torch code it
 // replaces (which follows the reference implementation), so bf16 results match it bit for
@@ -464,7 +465,7 @@ struct TileConfig {  // the 64-byte layout ldtilecfg expects (palette 1)
 // the A operand, read in place 16 at a time; each output element sums its k-pairs in order,
 // the same whatever M is.
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w_tiles, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(amx_permitted(), "amx_linear: the kernel does not allow AMX");
+  TORCH_CHECK(amx_permitted(), "amx_linear: the OS does not grant this process AMX state");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w_tiles.scalar_type() == at::kBFloat16, "amx_linear: bf16 only");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && w_tiles.dim() == 5 && w_tiles.is_contiguous(),
               "amx_linear: x [M, K] with unit column stride, w as [N/16, K/32, 16, 16, 2] tiles");
