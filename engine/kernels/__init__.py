@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -85,19 +87,24 @@ def available_on(device: torch.device) -> bool:
     return device.type == "cpu" and ops() is not None
 
 
-def _load():
+def library_path() -> Path:
+    """Where the built library lives: $KESTREL_HOME/kernels/<key>/kestrel_cpu_ops.so."""
     from engine.assets import kestrel_home
 
     # -march=native code is only good for this CPU: the build is keyed by its feature flags too.
     digest = hashlib.sha256(
         SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode() + _cpu_flags()
     )
-    build_dir = kestrel_home() / "kernels" / digest.hexdigest()[:16]
-    library = build_dir / "kestrel_cpu_ops.so"
+    return kestrel_home() / "kernels" / digest.hexdigest()[:16] / "kestrel_cpu_ops.so"
+
+
+def _load():
+    library = library_path()
     try:
-        if not library.exists():
-            _build(build_dir)
-        torch.ops.load_library(str(library))
+        if library.exists():
+            torch.ops.load_library(str(library))
+        else:
+            _build(library)
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back to eager torch
         logger.warning("fused CPU kernels unavailable, using eager torch ops instead: %s", exc)
         return None
@@ -112,19 +119,29 @@ def _cpu_flags() -> bytes:
     return next((line.encode() for line in lines if line.startswith("flags")), b"")
 
 
-def _build(build_dir: Path) -> None:
+def _build(library: Path) -> None:
+    """Compile and load the library, then move it to `library` for later processes.
+
+    Each build runs in a scratch directory of its own, so a build killed half way leaves no
+    lock behind and two processes starting at once do not wait on each other.
+    """
     from torch.utils.cpp_extension import load
 
-    logger.info("compiling fused CPU kernels into %s (once, about 20 s)", build_dir)
-    build_dir.mkdir(parents=True, exist_ok=True)
+    library.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="build-", dir=library.parent))
+    logger.info("compiling fused CPU kernels into %s (once, about 20 s)", library.parent)
     # The ninja that pip installs sits next to this interpreter, which may not be on PATH.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    load(
-        name="kestrel_cpu_ops",
-        sources=[str(SOURCE)],
-        extra_cflags=FLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    try:
+        load(  # also loads it into this process
+            name="kestrel_cpu_ops",
+            sources=[str(SOURCE)],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(scratch),
+            is_python_module=False,
+            verbose=False,
+        )
+        os.replace(scratch / library.name, library)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -235,3 +235,22 @@ def test_a_float16_model_runs_on_the_eager_ops(default_model_dir):
     [result] = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert result.error is None and len(result.completions[0].token_ids) == 8
     assert "Paris" in result.completions[0].text
+
+
+@needs_ops
+def test_a_build_killed_half_way_does_not_block_the_next_one(tmp_path, monkeypatch):
+    """A build interrupted earlier leaves its directory and torch's lock file behind; the next
+    process must build anyway, not wait on that lock forever. Runs in a fresh process with an
+    empty $KESTREL_HOME, so this compiles the kernels once more (about 10 s)."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("KESTREL_HOME", str(tmp_path))
+    library = kernels.library_path()
+    library.parent.mkdir(parents=True)
+    (library.parent / "lock").write_text("")  # what torch's build leaves while it runs
+    (library.parent / "build-killed").mkdir()
+    code = "from engine import kernels; print(kernels.ops() is not None)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "True", done.stderr
+    assert library.exists()
