@@ -65,7 +65,7 @@ class LLMEngine:
         )
         self.device = torch.device(config.device)
         dtype = DTYPES[config.dtype]
-        fused = kernels.available_on(self.device)  # builds them now rather than on the first request
+        kernels.available_on(self.device)  # builds them now rather than on the first request
         self.model = load_model(self.model_dir, self.model_config, dtype, self.device)
 
         block_size = config.cache.block_size
@@ -89,7 +89,7 @@ class LLMEngine:
         logger.info(
             "engine ready: %s (%s, %s), max_model_len %d, %d KV blocks of %d tokens, %s kernels",
             self.model_name, self.model_config.model_type, config.dtype, self.max_model_len,
-            num_blocks, block_size, "fused CPU" if fused else "eager torch",
+            num_blocks, block_size, "fused CPU" if self.runner.paged_decode else "eager torch",
         )
 
     # -- requests -------------------------------------------------------------------------
