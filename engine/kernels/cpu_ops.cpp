@@ -491,12 +491,17 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w_tiles, const c10:
     stride = K;
     return padded.data();
   };
+  // A pass multiplies 16 rows by four output tiles: one A tile meets four weight streams, which
+  // keeps more of memory's bandwidth busy than one stream with software prefetch (10.5 vs 11.1
+  // ms for SmolLM2's linears at 16 rows, and 16.9 vs 23 at 64). Each output element still sums
+  // its k-pairs in order.
+  const int64_t n_passes = (n_tiles + 3) / 4;
   // Rows in super-blocks that stay in L2 while every weight tile streams past them once.
   const int64_t block_rows = std::max<int64_t>(64, (256 * 1024 / (K * 2)) / 64 * 64);
   #pragma omp parallel num_threads(at::get_num_threads())
   {
-    TileConfig config;  // tiles 0-3: C (16 rows x 16 outputs, float), 4: A (x), 5: B (weight)
-    for (int t = 0; t < 6; ++t) {
+    TileConfig config;  // tiles 0-3: C (16 rows x 16 outputs, float), 4: A (x), 5-7: B (weight)
+    for (int t = 0; t < 8; ++t) {
       config.rows[t] = 16;
       config.colsb[t] = 64;
     }
@@ -505,53 +510,50 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w_tiles, const c10:
     for (int64_t block = 0; block < M; block += block_rows) {
       const int64_t block_end = std::min(M, block + block_rows);
       #pragma omp for schedule(static)
-      for (int64_t nt = 0; nt < n_tiles; ++nt) {
-        const uint16_t* w_n = wp + nt * k_tiles * 512;
-        for (int64_t m0 = block; m0 < block_end; m0 += 64) {
-          const int64_t groups = std::min<int64_t>(4, (block_end - m0 + 15) / 16);
-          int64_t s0, s1, s2, s3;
-          const uint16_t* a0 = rows_at(m0, s0);
-          const uint16_t* a1 = groups > 1 ? rows_at(m0 + 16, s1) : a0;
-          const uint16_t* a2 = groups > 2 ? rows_at(m0 + 32, s2) : a0;
-          const uint16_t* a3 = groups > 3 ? rows_at(m0 + 48, s3) : a0;
+      for (int64_t pass = 0; pass < n_passes; ++pass) {
+        const int64_t nt0 = pass * 4, nn = std::min<int64_t>(4, n_tiles - nt0);
+        const uint16_t* w = wp + nt0 * k_tiles * 512;  // output tile nt0 + j starts at j * k_tiles * 512
+        const int64_t w_step = k_tiles * 512;
+        for (int64_t m0 = block; m0 < block_end; m0 += 16) {
+          int64_t stride;
+          const uint16_t* a = rows_at(m0, stride);
           _tile_zero(0);
           _tile_zero(1);
           _tile_zero(2);
           _tile_zero(3);
-          for (int64_t k = 0; k < k_tiles; ++k) {
-            // The weight streams from memory once: ask for the tiles 8 KiB ahead.
-            const char* ahead = reinterpret_cast<const char*>(w_n + k * 512) + 8192;
-            for (int line = 0; line < 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-            _tile_loadd(5, w_n + k * 512, 64);
-            _tile_loadd(4, a0 + k * 32, s0 * 2);
+          for (int64_t k = 0; k < k_tiles; ++k) {  // C tile j: output tile nt0 + j
+            const uint16_t* wk = w + k * 512;
+            _tile_loadd(4, a + k * 32, stride * 2);
+            _tile_loadd(5, wk, 64);
             _tile_dpbf16ps(0, 4, 5);
-            if (groups > 1) {
-              _tile_loadd(4, a1 + k * 32, s1 * 2);
-              _tile_dpbf16ps(1, 4, 5);
+            if (nn > 1) {
+              _tile_loadd(6, wk + w_step, 64);
+              _tile_dpbf16ps(1, 4, 6);
             }
-            if (groups > 2) {
-              _tile_loadd(4, a2 + k * 32, s2 * 2);
-              _tile_dpbf16ps(2, 4, 5);
+            if (nn > 2) {
+              _tile_loadd(7, wk + 2 * w_step, 64);
+              _tile_dpbf16ps(2, 4, 7);
             }
-            if (groups > 3) {
-              _tile_loadd(4, a3 + k * 32, s3 * 2);
+            if (nn > 3) {
+              _tile_loadd(5, wk + 3 * w_step, 64);
               _tile_dpbf16ps(3, 4, 5);
             }
           }
-          const __m512 bias16 = bp ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + nt * 16))), 16))
-                                   : _mm512_setzero_ps();
-          for (int64_t g = 0; g < groups; ++g) {
-            switch (g) {  // tile numbers must be constants
+          for (int64_t j = 0; j < nn; ++j) {
+            const int64_t nt = nt0 + j;
+            switch (j) {  // tile numbers must be constants
               case 0: _tile_stored(0, c, 64); break;
               case 1: _tile_stored(1, c, 64); break;
               case 2: _tile_stored(2, c, 64); break;
               default: _tile_stored(3, c, 64);
             }
-            for (int64_t r = 0; r < 16 && m0 + g * 16 + r < M; ++r) {
+            const __m512 bias16 = bp ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + nt * 16))), 16))
+                                     : _mm512_setzero_ps();
+            for (int64_t r = 0; r < 16 && m0 + r < M; ++r) {
               __m512 v = _mm512_load_ps(c + r * 16);
               if (bp) v = _mm512_add_ps(v, bias16);
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + g * 16 + r) * N + nt * 16),
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (m0 + r) * N + nt * 16),
                                   (__m256i)_mm512_cvtneps_pbh(v));
             }
           }
