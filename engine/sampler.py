@@ -164,5 +164,7 @@ def _logprobs(
         top = []
         if p.logprobs:
             top = list(zip(top_ids[i, : p.logprobs].tolist(), top_values[i, : p.logprobs].tolist()))
+            # Equal logprobs in token id order, as the greedy choice breaks ties (topk does not).
+            top.sort(key=lambda entry: (-entry[1], entry[0]))
         result.append(TokenLogprob(int(token_ids[i]), chosen[i], top))
     return result

@@ -42,12 +42,14 @@ def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
 
 @needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_with_and_without_residual(dtype):
+@pytest.mark.parametrize("hidden", [576, 584])  # whole vectors, and a tail of 8
+def test_rms_norm_with_and_without_residual(dtype, hidden):
     torch.manual_seed(0)
-    x, residual, weight = torch.randn(7, 576, dtype=dtype), torch.randn(7, 576, dtype=dtype), torch.randn(576, dtype=dtype)
+    x, residual = torch.randn(7, hidden, dtype=dtype), torch.randn(7, hidden, dtype=dtype)
+    weight = torch.randn(hidden, dtype=dtype)
 
     def eager(h):
-        return weight * F.rms_norm(h.float(), (576,), None, 1e-5).to(dtype)
+        return weight * F.rms_norm(h.float(), (hidden,), None, 1e-5).to(dtype)
 
     assert_same(ops.rms_norm(x, None, weight, 1e-5), eager(x))
     updated = residual.clone()
@@ -58,18 +60,20 @@ def test_rms_norm_with_and_without_residual(dtype):
 
 @needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul(dtype):
+@pytest.mark.parametrize("width", [1536, 1544])  # whole vectors, and a tail of 8
+def test_silu_and_mul(dtype, width):
     torch.manual_seed(0)
-    gate_up = torch.randn(5, 2 * 1536, dtype=dtype) * 4
+    gate_up = torch.randn(64, 2 * width, dtype=dtype) * 4
     gate, up = gate_up.chunk(2, dim=-1)
     assert_same(ops.silu_and_mul(gate_up), F.silu(gate) * up)
 
 
 @needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_and_store(dtype):
+@pytest.mark.parametrize("head_dim", [64, 48])  # the vectorised path and the generic one
+def test_rotary_and_store(dtype, head_dim):
     torch.manual_seed(0)
-    heads, kv_heads, head_dim, tokens = 9, 3, 64, 6
+    heads, kv_heads, tokens = 9, 3, 6
     rope = RotaryEmbedding(head_dim, 4096, RopeConfig(theta=100000.0))(torch.tensor([0, 1, 7, 100, 2047, 4095]), dtype)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
     eager = qkv.view(tokens, -1, head_dim).clone()

@@ -325,6 +325,14 @@ def test_logprobs_are_raw_log_softmax_with_sorted_top_alternatives():
         assert [v for _, v in entry.top] == sorted((v for _, v in entry.top), reverse=True)
 
 
+def test_tied_logprobs_list_the_greedy_choice_first():
+    logits = torch.full((1, VOCAB), -5.0)
+    logits[0, [20, 9, 30]] = 3.0  # an exact three-way tie, as bf16 logits often have
+    tokens, logprobs = sample(logits, [make_seq(logprobs=4, temperature=0)])
+    assert tokens == [9]  # the first of the tied ids
+    assert [t for t, _ in logprobs[0].top[:3]] == [9, 20, 30]
+
+
 def test_no_logprobs_requested_gives_none_rows():
     logits = random_logits(3, seed=15)
     _, logprobs = sample(logits, [make_seq(temperature=t) for t in (0, 0.5, 1.0)])
