@@ -9,10 +9,14 @@ from torch import nn
 
 from engine import kernels
 
-# Up to this many rows (decode steps of up to 64 sequences) the AMX kernel beats oneDNN's packed
-# matmul, whose fixed cost per call dominates there (SmolLM2's 120 layer linears: 8.8 vs 11.9 ms
-# at 1 row, 8.9 vs 12.2 at 16, 15.6 vs 18.2 at 64); beyond, oneDNN's blocking wins.
-AMX_MAX_ROWS = 64
+# Up to this many rows (decode steps, and decodes with prompts joining them) the AMX kernel
+# beats oneDNN's packed matmul, whose fixed cost per call dominates with few rows: for SmolLM2's
+# 120 layer linears 10.4 vs 11.9 ms at 16 rows, 13.4 vs 18.0 at 64, 25.3 vs 29.9 at 192, even at
+# 256; beyond, oneDNN's blocking wins (2,048 rows: 221 vs 171 ms). The AMX kernel gives every
+# row the same result whatever the row count; oneDNN does not always (SmolLM2's down_proj at
+# 197-254 rows, Qwen2.5-0.5B's from 37 rows sum in another order), so this bound also decides
+# which steps are batch-invariant to the bit.
+AMX_MAX_ROWS = 256
 
 
 def can_pack(weight: torch.Tensor) -> bool:
