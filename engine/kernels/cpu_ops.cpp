@@ -404,6 +404,71 @@ inline void accumulate_rows(const float* w, const T* v, int64_t stride, int64_t 
   }
 }
 
+#ifdef KESTREL_AVX512_BF16
+// Lane i of the result holds the sum of v[i]'s sixteen lanes: one transpose-and-add tree
+// instead of sixteen horizontal reductions.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int j = 0; j < 8; ++j) {  // per 128-bit quarter: [v2j, v2j+1, v2j, v2j+1] partial sums
+    pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  }
+  for (int j = 0; j < 4; ++j) {  // per quarter: [v4j, v4j+1, v4j+2, v4j+3] partial sums
+    const __m512d a = _mm512_castps_pd(pairs[2 * j]), b = _mm512_castps_pd(pairs[2 * j + 1]);
+    quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // Quarter j of the result: the four quarters of quads[j] added up.
+  const auto fold = [](__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  };
+  return fold(fold(quads[0], quads[1]), fold(quads[2], quads[3]));
+}
+
+// Scores of query row q (64 bf16) against the n <= 16 keys of a block, `stride` apart.
+inline __m512 block_scores64(const uint16_t* q, const uint16_t* k, int64_t stride, int64_t n) {
+  const __m512bh q0 = (__m512bh)_mm512_loadu_si512(q), q1 = (__m512bh)_mm512_loadu_si512(q + 32);
+  __m512 dots[16];
+  for (int64_t i = 0; i < 16; ++i) {
+    dots[i] = _mm512_setzero_ps();
+    if (i < n) {
+      const uint16_t* ki = k + i * stride;
+      dots[i] = _mm512_dpbf16_ps(dots[i], q0, (__m512bh)_mm512_loadu_si512(ki));
+      dots[i] = _mm512_dpbf16_ps(dots[i], q1, (__m512bh)_mm512_loadu_si512(ki + 32));
+    }
+  }
+  return sum_lanes16(dots);
+}
+
+// acc[g] (64 floats each, g < count <= 4) += sum over rows i < n of w[g][i] * v_i: each value
+// row is widened once for every query head that shares it.
+inline void accumulate_block64(const float* const* w, const uint16_t* v, int64_t stride, int64_t n,
+                               float* const* acc, int64_t count) {
+  __m512 a[4][4];
+  for (int64_t g = 0; g < 4; ++g) {
+    if (g < count) {
+      for (int d = 0; d < 4; ++d) a[g][d] = _mm512_loadu_ps(acc[g] + 16 * d);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* row = v + i * stride;
+    const __m512 v0 = load16(row), v1 = load16(row + 16), v2 = load16(row + 32), v3 = load16(row + 48);
+    for (int64_t g = 0; g < 4; ++g) {
+      if (g < count) {
+        const __m512 wi = _mm512_set1_ps(w[g][i]);
+        a[g][0] = _mm512_fmadd_ps(wi, v0, a[g][0]);
+        a[g][1] = _mm512_fmadd_ps(wi, v1, a[g][1]);
+        a[g][2] = _mm512_fmadd_ps(wi, v2, a[g][2]);
+        a[g][3] = _mm512_fmadd_ps(wi, v3, a[g][3]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < 4; ++g) {
+    if (g < count) {
+      for (int d = 0; d < 4; ++d) _mm512_storeu_ps(acc[g] + 16 * d, a[g][d]);
+    }
+  }
+}
+#endif
+
 // Each row of `scores` ([rows, len]) becomes its softmax.
 inline void softmax_rows(float* scores, int64_t rows, int64_t len) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -462,6 +527,18 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
       keys.for_each_block([&](int64_t first, const T* block, int64_t n) {
         keys.prefetch(first + 2 * block_size, width);
         values.prefetch(first + 2 * block_size, width);
+#ifdef KESTREL_AVX512_BF16
+        if constexpr (std::is_same_v<T, uint16_t>) {
+          if (head_dim == 64 && block_size == 16) {
+            for (int64_t r = 0; r < rows; ++r) {
+              const __m512 dots = block_scores64(q_first + r * q_head_stride, block + (r / group) * head_dim, row_stride, n);
+              _mm512_mask_storeu_ps(scores.data() + r * len + first, (__mmask16)((1u << n) - 1),
+                                    _mm512_mul_ps(dots, _mm512_set1_ps(sc)));
+            }
+            return;
+          }
+        }
+#endif
         for (int64_t i = 0; i < n; ++i) {
           for (int64_t h = 0; h < heads_per_item; ++h) {
             const T* k = block + i * row_stride + h * head_dim;
@@ -474,6 +551,25 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
       });
       softmax_rows(scores.data(), rows, len);
       values.for_each_block([&](int64_t first, const T* block, int64_t n) {
+#ifdef KESTREL_AVX512_BF16
+        if constexpr (std::is_same_v<T, uint16_t>) {
+          if (head_dim == 64) {
+            for (int64_t h = 0; h < heads_per_item; ++h) {
+              for (int64_t g0 = 0; g0 < group; g0 += 4) {  // query heads of this kv head, 4 at a time
+                const int64_t count = std::min<int64_t>(4, group - g0);
+                const float* w[4];
+                float* a[4];
+                for (int64_t g = 0; g < count; ++g) {
+                  w[g] = scores.data() + (h * group + g0 + g) * len + first;
+                  a[g] = acc.data() + (h * group + g0 + g) * head_dim;
+                }
+                accumulate_block64(w, block + h * head_dim, row_stride, n, a, count);
+              }
+            }
+            return;
+          }
+        }
+#endif
         for (int64_t h = 0; h < heads_per_item; ++h) {
           for (int64_t g = 0; g < group; ++g) {
             const int64_t r = h * group + g;

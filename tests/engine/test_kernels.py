@@ -96,9 +96,10 @@ def test_rotary_and_store(dtype, head_dim):
 @needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 48])  # the vectorised path and the generic one
-def test_paged_decode_attention(dtype, head_dim):
+@pytest.mark.parametrize("heads", [6, 14])  # 3 and 7 query heads per kv head (SmolLM2, Qwen2.5)
+def test_paged_decode_attention(dtype, head_dim, heads):
     torch.manual_seed(0)
-    heads, kv_heads, block_size, num_blocks = 6, 2, 16, 64
+    kv_heads, block_size, num_blocks = 2, 16, 64
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
     lens = torch.tensor([1, 16, 17, 300, 45])
