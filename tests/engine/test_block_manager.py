@@ -1,4 +1,4 @@
-"""engine.block_manager: exact block ids, FIFO free list, growth, exhaustion, no leaks."""
+"""engine.block_manager: exact block ids, lowest free id first, growth, exhaustion, no leaks."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_allocate_hands_out_lowest_free_ids_in_order():
     assert bm.allocate(10, 5) == [0, 1]
     assert bm.allocate(11, 4) == [2]
     assert bm.allocate(12, 9) == [3, 4, 5]
-    assert list(bm.free_blocks) == [6, 7]
+    assert sorted(bm.free_blocks) == [6, 7]
     assert bm.ref_counts == [1, 1, 1, 1, 1, 1, 0, 0]
     assert (bm.num_free_blocks, bm.num_used_blocks) == (2, 6)
 
@@ -87,22 +87,23 @@ def test_allocate_beyond_free_blocks_raises_and_changes_nothing():
     with pytest.raises(MemoryError):
         bm.allocate(0, 17)
     assert bm.block_tables == {0: [0, 1]}
-    assert list(bm.free_blocks) == [2, 3]
+    assert sorted(bm.free_blocks) == [2, 3]
     assert bm.ref_counts == [1, 1, 0, 0]
 
 
-def test_freed_blocks_join_the_back_of_the_free_list():
+def test_freed_blocks_are_reused_lowest_id_first():
     bm = make_block_manager(num_blocks=6, block_size=4)
     bm.allocate(0, 8)
     bm.allocate(1, 4)
     bm.allocate(2, 5)
     bm.free(0)
-    assert list(bm.free_blocks) == [5, 0, 1]
+    assert sorted(bm.free_blocks) == [0, 1, 5]
     bm.free(2)
-    assert list(bm.free_blocks) == [5, 0, 1, 3, 4]
+    assert sorted(bm.free_blocks) == [0, 1, 3, 4, 5]
     assert bm.ref_counts == [0, 0, 1, 0, 0, 0]
-    assert bm.allocate(3, 9) == [5, 0, 1]
-    assert list(bm.free_blocks) == [3, 4]
+    assert bm.allocate(3, 9) == [0, 1, 3]  # blocks in use stay packed at the start of the pool
+    assert bm.allocate(3, 13) == [0, 1, 3, 4]
+    assert sorted(bm.free_blocks) == [5]
 
 
 def test_free_of_unknown_sequence_is_a_noop():
@@ -110,7 +111,7 @@ def test_free_of_unknown_sequence_is_a_noop():
     bm.allocate(0, 5)
     bm.free(42)
     assert bm.block_tables == {0: [0, 1]}
-    assert list(bm.free_blocks) == [2, 3]
+    assert sorted(bm.free_blocks) == [2, 3]
     assert bm.ref_counts == [1, 1, 0, 0]
 
 
@@ -119,7 +120,7 @@ def test_double_free_does_not_duplicate_blocks():
     bm.allocate(0, 5)
     bm.free(0)
     bm.free(0)
-    assert list(bm.free_blocks) == [2, 3, 0, 1]
+    assert sorted(bm.free_blocks) == [0, 1, 2, 3]
     assert_no_leak(bm)
 
 
@@ -144,7 +145,7 @@ def test_fork_shares_full_blocks_and_copies_a_partial_last_block():
     assert bm.ref_counts[:4] == [2, 2, 1, 1]
     bm.free(0)
     assert bm.ref_counts[:4] == [1, 1, 0, 1]
-    assert list(bm.free_blocks) == [4, 5, 6, 7, 2]
+    assert sorted(bm.free_blocks) == [2, 4, 5, 6, 7]
     bm.free(1)
     assert bm.num_free_blocks == 8 and not any(bm.ref_counts)
 
