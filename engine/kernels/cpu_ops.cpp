@@ -685,7 +685,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w_tiles, const c10:
     alignas(64) float c[16 * 16];
     for (int64_t block = 0; block < M; block += block_rows) {
       const int64_t block_end = std::min(M, block + block_rows);
-      #pragma omp for schedule(dynamic, 1)
+      #pragma omp for schedule(static)
       for (int64_t pass = 0; pass < n_passes; ++pass) {
         const int64_t nt0 = pass * 4, nn = std::min<int64_t>(4, n_tiles - nt0);
         const uint16_t* w = wp + nt0 * k_tiles * 512;  // output tile nt0 + j starts at j * k_tiles * 512
