@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -128,6 +129,7 @@ def _build(library: Path) -> None:
     from torch.utils.cpp_extension import load
 
     library.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_scratch(library.parent)
     scratch = Path(tempfile.mkdtemp(prefix="build-", dir=library.parent))
     logger.info("compiling fused CPU kernels into %s (once, about 20 s)", library.parent)
     # The ninja that pip installs sits next to this interpreter, which may not be on PATH.
@@ -145,3 +147,17 @@ def _build(library: Path) -> None:
         os.replace(scratch / library.name, library)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# A build takes about 20 s: a scratch directory this old belongs to a build that was killed.
+DEAD_SCRATCH_AGE_S = 3600
+
+
+def _remove_dead_scratch(directory: Path) -> None:
+    now = time.time()
+    for scratch in directory.glob("build-*"):
+        try:
+            if now - scratch.stat().st_mtime > DEAD_SCRATCH_AGE_S:
+                shutil.rmtree(scratch, ignore_errors=True)
+        except OSError:  # another process removed it first
+            pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -247,8 +248,9 @@ def test_a_float16_model_runs_on_the_eager_ops(default_model_dir):
 @needs_ops
 def test_a_build_killed_half_way_does_not_block_the_next_one(tmp_path, monkeypatch):
     """A build interrupted earlier leaves its directory and torch's lock file behind; the next
-    process must build anyway, not wait on that lock forever. Runs in a fresh process with an
-    empty $KESTREL_HOME, so this compiles the kernels once more (about 10 s)."""
+    process must build anyway, not wait on that lock forever, and clear the dead directory
+    (not one a build running alongside may be using). Runs in a fresh process with an empty
+    $KESTREL_HOME, so this compiles the kernels once more (about 10 s)."""
     import subprocess
     import sys
 
@@ -256,8 +258,13 @@ def test_a_build_killed_half_way_does_not_block_the_next_one(tmp_path, monkeypat
     library = kernels.library_path()
     library.parent.mkdir(parents=True)
     (library.parent / "lock").write_text("")  # what torch's build leaves while it runs
-    (library.parent / "build-killed").mkdir()
+    killed, running = library.parent / "build-killed", library.parent / "build-running"
+    killed.mkdir()
+    running.mkdir()
+    two_hours_ago = time.time() - 7200
+    os.utime(killed, (two_hours_ago, two_hours_ago))
     code = "from engine import kernels; print(kernels.ops() is not None)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "True", done.stderr
     assert library.exists()
+    assert not killed.exists() and running.exists()
