@@ -317,6 +317,10 @@ void rotary_and_store(at::Tensor& qkv, const at::Tensor& positions, const at::Te
 
 // ---- Decode attention straight from the paged cache -----------------------------------------
 
+// Positions whose keys and values an attention item loads ahead of computing on them: for
+// SmolLM2, 768 KB, which stays in L2 until the value pass reads it.
+constexpr int64_t kTouchWindow = 1024;
+
 // One sequence's context in the paged cache: position p is row p % block_size of block
 // table[p / block_size]; a row holds every kv head, head_dim elements each.
 template <typename T>
@@ -335,15 +339,39 @@ struct PagedContext {
     }
   }
 
-  // Asks for the block holding `position` to be brought into L2, `width` elements of each row:
-  // blocks sit anywhere in the pool, so the hardware prefetcher cannot guess the next one.
-  void prefetch(int64_t position, int64_t width) const {
-    if (position >= len) return;
-    const char* block = reinterpret_cast<const char*>(cache + table[position / block_size] * block_size * row_stride);
-    const int64_t row_bytes = row_stride * sizeof(T), bytes = width * sizeof(T);
-    for (int64_t i = 0; i < std::min(block_size, len - position / block_size * block_size); ++i) {
-      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(block + i * row_bytes + off, 0, 2);
+  // Loads every cache line of `width` elements of the rows at positions [position, position +
+  // count). Their misses then overlap, many loads in flight, where the compute loops would meet
+  // them a block at a time. Software prefetch did not help; these plain loads cut a
+  // 16-sequence layer's attention from 220 to 175 us in situ.
+  void touch(int64_t position, int64_t count, int64_t width) const {
+    const int64_t end = std::min(len, position + count), row_bytes = row_stride * sizeof(T);
+    // Rows of all kv heads lie back to back: a block is one run of bytes.
+    const bool whole_rows = width == row_stride;
+#ifdef KESTREL_AVX512_BF16
+    __m512i sink = _mm512_setzero_si512();
+#else
+    uint64_t sink = 0;
+#endif
+    for (int64_t p = position; p < end;) {
+      const int64_t rows = whole_rows ? std::min(block_size - p % block_size, end - p) : 1;  // within one block
+      const char* start = reinterpret_cast<const char*>(cache + table[p / block_size] * block_size * row_stride) +
+                          (p % block_size) * row_bytes;
+      const int64_t bytes = whole_rows ? rows * row_bytes : width * sizeof(T);
+      p += rows;
+      for (int64_t off = 0; off < bytes; off += 64) {
+#ifdef KESTREL_AVX512_BF16
+        sink = _mm512_or_si512(sink, _mm512_loadu_si512(start + off));
+#else
+        sink |= *reinterpret_cast<const uint64_t*>(start + off);
+#endif
+      }
     }
+    static thread_local volatile int keep;  // the loads must not be optimised away
+#ifdef KESTREL_AVX512_BF16
+    keep = _mm512_reduce_or_epi32(sink);
+#else
+    keep = static_cast<int>(sink);
+#endif
   }
 };
 
@@ -525,8 +553,10 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
       acc.assign(rows * head_dim, 0.f);
       const int64_t width = heads_per_item * head_dim;
       keys.for_each_block([&](int64_t first, const T* block, int64_t n) {
-        keys.prefetch(first + 2 * block_size, width);
-        values.prefetch(first + 2 * block_size, width);
+        if (first % kTouchWindow == 0) {  // the V pass then finds its rows in L2
+          keys.touch(first, kTouchWindow, width);
+          values.touch(first, kTouchWindow, width);
+        }
 #ifdef KESTREL_AVX512_BF16
         if constexpr (std::is_same_v<T, uint16_t>) {
           if (head_dim == 64 && block_size == 16) {
