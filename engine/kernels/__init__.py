@@ -72,6 +72,23 @@ def amx_tiles(weight: torch.Tensor) -> torch.Tensor:
     return tiles.permute(0, 2, 3, 1, 4).contiguous()
 
 
+def fma_linear_fits(weight: torch.Tensor) -> bool:
+    """Whether the AVX2 FMA linear can take this weight: bf16 [out, in] with out % 16 == 0, and
+    the kernel built (a CPU with AVX2 and FMA)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.shape[0] % 16:
+        return False
+    library = ops()
+    return library is not None and hasattr(library, "fma_linear")
+
+
+def fma_panels(weight: torch.Tensor) -> torch.Tensor:
+    """A [out, in] weight rearranged as the FMA linear reads it: panels of 16 outputs,
+    [out / 16, in, 16], lane 2j holding output j and lane 2j + 1 output 8 + j."""
+    out_features, in_features = weight.shape
+    halves = weight.view(out_features // 16, 2, 8, in_features)
+    return halves.permute(0, 3, 2, 1).reshape(out_features // 16, in_features, 16).contiguous()
+
+
 def _try_amx_linear() -> bool:
     library = ops()
     if library is None or not hasattr(library, "amx_linear"):  # built without AMX

@@ -1,5 +1,6 @@
-"""Linear layers: oneDNN pre-packed weights on CPU (an AMX kernel for decode-sized steps), and
-projections fused along the output dim."""
+"""Linear layers on CPU: oneDNN pre-packed weights where the CPU has AVX-512 (an AMX kernel for
+decode-sized steps), an AVX2 FMA kernel where it does not; and projections fused along the
+output dim."""
 
 from __future__ import annotations
 
@@ -20,8 +21,14 @@ AMX_MAX_ROWS = 256
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """oneDNN's pre-packed bf16 matmul: ~5x faster than F.linear for a few rows on this CPU."""
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    """oneDNN's pre-packed bf16 matmul: ~5x faster than F.linear for a few rows, on a CPU with
+    AVX-512 (oneDNN refuses bf16 weights without it)."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 class Linear(nn.Linear):
@@ -29,19 +36,29 @@ class Linear(nn.Linear):
 
     packed_weight: torch.Tensor | None = None
     amx_weight: torch.Tensor | None = None  # the same weight in the AMX kernel's tile layout
+    fma_weight: torch.Tensor | None = None  # in the FMA kernel's panels, where there is no oneDNN bf16
 
     def pack(self, with_amx: bool = True) -> None:
-        """Replace the weight by oneDNN's packed layout where that is faster (bf16 on CPU), and
-        (`with_amx`) add a copy in the AMX kernel's layout where it takes this shape."""
-        if self.packed_weight is None and can_pack(self.weight):
-            weight = self.weight.detach()
+        """Replace a bf16 weight on CPU by oneDNN's packed layout, and (`with_amx`) add a copy in
+        the AMX kernel's layout where it takes this shape; without AVX-512, by the FMA kernel's
+        panels (torch's own bf16 matmul is 5-10x slower there)."""
+        if self.weight is None:
+            return
+        weight = self.weight.detach()
+        if can_pack(weight):
             # The batch-size hint only tunes the layout; any number of rows works.
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
             if with_amx and kernels.amx_linear_fits(weight):
                 self.amx_weight = kernels.amx_tiles(weight)
-            self.weight = None  # forward needs only these (a tied embedding keeps its own)
+        elif kernels.fma_linear_fits(weight):
+            self.fma_weight = kernels.fma_panels(weight)
+        else:
+            return
+        self.weight = None  # forward needs only these (a tied embedding keeps its own)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fma_weight is not None:
+            return kernels.ops().fma_linear(x, self.fma_weight, self.bias)
         if self.amx_weight is not None and x.shape[0] <= AMX_MAX_ROWS and x.stride(-1) == 1:
             fused = kernels.ops()
             if fused is not None:

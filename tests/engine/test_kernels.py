@@ -24,8 +24,11 @@ def test_the_kernels_build_where_a_compiler_is():
     if compiler is None or not kernels.enabled():
         pytest.skip("no C++ compiler, or kernels disabled")
     assert ops is not None, "cpu_ops.cpp did not build: see the warning logged by engine.kernels"
-    if b"amx_bf16" in kernels._cpu_flags().split():
+    flags = kernels._cpu_flags().split()
+    if b"amx_bf16" in flags:
         assert kernels.amx_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16)), "this CPU has AMX"
+    if b"avx2" in flags and b"fma" in flags:
+        assert kernels.fma_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16)), "this CPU has AVX2"
 
 
 needs_ops = pytest.mark.skipif(ops is None, reason="fused CPU kernels unavailable")
@@ -231,6 +234,73 @@ def test_amx_copies_are_made_only_within_the_budget():
     assert all(m.amx_weight is not None for m in roomy)
     assert all(m.amx_weight is None and m.packed_weight is not None for m in tight)
     assert torch.equal(roomy(x), tight(x))  # the two paths agree bit for bit
+
+
+fma = pytest.mark.skipif(
+    not kernels.fma_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16)), reason="no FMA linear (AVX2)"
+)
+
+
+@fma
+@pytest.mark.parametrize("out_features, in_features", [(16, 7), (96, 64), (112, 200), (960, 576)])
+def test_fma_linear_rounds_the_exact_sum_once(out_features, in_features):
+    """Every output is the float32 sum of its products rounded once to bf16: within half a bf16
+    step of the exact value, plus float32 summation error. 112 outputs leave a last group of
+    one panel; 7 and 200 columns are no multiple of any vector width."""
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
+    bias = torch.randn(out_features, dtype=torch.bfloat16)
+    panels = kernels.fma_panels(weight)
+    for rows in (1, 2, 3, 4, 5, 6, 7, 13, 64, 100):
+        x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+        for b in (None, bias):
+            exact = x.double() @ weight.double().T + (b.double() if b is not None else 0)
+            got = ops.fma_linear(x, panels, b).double()
+            half_step = exact.abs() * 2.0**-8  # bf16 keeps 8 significant bits
+            summation = 1e-6 * (x.double().abs() @ weight.double().abs().T + 1)
+            assert ((got - exact).abs() <= half_step + summation).all(), (rows, b is not None)
+
+
+@fma
+def test_fma_linear_rows_do_not_depend_on_each_other():
+    torch.manual_seed(0)
+    weight = torch.randn(208, 96, dtype=torch.bfloat16)  # 13 panels: two groups of 6 and one
+    panels = kernels.fma_panels(weight)
+    x = torch.randn(70, 96, dtype=torch.bfloat16)
+    batch = ops.fma_linear(x, panels, None)
+    alone = torch.cat([ops.fma_linear(x[i : i + 1], panels, None) for i in range(70)])
+    assert torch.equal(batch, alone)
+    wide = torch.randn(70, 200, dtype=torch.bfloat16)[:, :96]  # rows 200 apart
+    assert torch.equal(ops.fma_linear(wide, panels, None), ops.fma_linear(wide.contiguous(), panels, None))
+    nan = x.clone()
+    nan[3, 5] = float("nan")
+    out = ops.fma_linear(nan, panels, None)
+    assert out[3].isnan().all() and torch.equal(out[4:], batch[4:])
+
+
+@fma
+def test_fma_linear_rejects_what_it_cannot_take():
+    panels = torch.zeros(2, 64, 16, dtype=torch.bfloat16)  # a [32, 64] weight
+    with pytest.raises(RuntimeError, match="the weight 64"):
+        ops.fma_linear(torch.zeros(1, 96, dtype=torch.bfloat16), panels, None)
+    with pytest.raises(RuntimeError, match="bf16 only"):
+        ops.fma_linear(torch.zeros(1, 64), panels.float(), None)
+    assert not kernels.fma_linear_fits(torch.zeros(24, 64, dtype=torch.bfloat16))  # 24 % 16
+    assert not kernels.fma_linear_fits(torch.zeros(32, 64))  # float32
+
+
+@fma
+def test_linear_takes_the_fma_kernel_where_onednn_has_no_bf16(monkeypatch):
+    from engine.layers import linear
+
+    monkeypatch.setattr(linear, "can_pack", lambda weight: False)  # as on a CPU without AVX-512
+    torch.manual_seed(0)
+    layer = linear.Linear(64, 48, bias=True).to(torch.bfloat16)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    layer.pack()
+    assert layer.weight is None and layer.fma_weight is not None
+    assert torch.equal(layer(x), ops.fma_linear(x, kernels.fma_panels(weight), bias))
 
 
 def test_a_float16_model_runs_on_the_eager_ops(default_model_dir):

@@ -144,9 +144,11 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
 
 
 def test_real_default_model_bf16_logits_stay_close_to_transformers(default_model_dir):
-    """bf16 cannot match bit for bit (packed matmuls round differently), but the next-token
-    logits stay close: rounding the norm as the reference does keeps the gap under 0.5 where
-    scaling in float32 first gave 1.3 and flipped this prompt's greedy answer."""
+    """bf16 cannot match bit for bit (matmuls round differently on each CPU), so both bf16
+    results are held against transformers in float32: ours must stray from it no further than
+    transformers' own bf16 does. Rounding the norm as the reference does matters: scaling in
+    float32 first once put our gap at 1.3, twice the reference's, and flipped this prompt's
+    greedy answer. In float32 the two agree closely."""
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(default_model_dir)
@@ -154,9 +156,19 @@ def test_real_default_model_bf16_logits_stay_close_to_transformers(default_model
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True, tokenize=True, return_dict=True,
     )["input_ids"])
-    ours = prefill_logits(load_model(default_model_dir, dtype=torch.bfloat16), [prompt])[0]
-    ref = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16)
-    with torch.inference_mode():
-        want = ref(torch.tensor([prompt])).logits[0].float()
-    assert (ours[-1] - want[-1]).abs().max() < 0.5
-    assert torch.equal(ours[-1].topk(3).indices, want[-1].topk(3).indices)
+
+    def reference(dtype):
+        ref = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=dtype)
+        with torch.inference_mode():
+            return ref(torch.tensor([prompt])).logits[0, -1].float()
+
+    def ours(dtype):
+        return prefill_logits(load_model(default_model_dir, dtype=dtype), [prompt])[0][-1]
+
+    exact = reference(torch.float32)
+    ours32 = ours(torch.float32)
+    assert (ours32 - exact).abs().max() < 1e-2
+    assert torch.equal(ours32.topk(3).indices, exact.topk(3).indices)
+    their_gap = (reference(torch.bfloat16) - exact).abs().max()
+    our_gap = (ours(torch.bfloat16) - exact).abs().max()
+    assert our_gap < 1.5 * their_gap, (our_gap, their_gap)
