@@ -58,7 +58,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fma_weight is not None:
-            return kernels.ops().fma_linear(x, self.fma_weight, self.bias)
+            if x.dim() == 2 and x.stride(-1) == 1:  # the model's [tokens, features]
+                return kernels.ops().fma_linear(x, self.fma_weight, self.bias)
+            out = kernels.ops().fma_linear(x.reshape(-1, x.shape[-1]).contiguous(), self.fma_weight, self.bias)
+            return out.view(*x.shape[:-1], out.shape[-1])
         if self.amx_weight is not None and x.shape[0] <= AMX_MAX_ROWS and x.stride(-1) == 1:
             fused = kernels.ops()
             if fused is not None:

@@ -301,6 +301,8 @@ def test_linear_takes_the_fma_kernel_where_onednn_has_no_bf16(monkeypatch):
     layer.pack()
     assert layer.weight is None and layer.fma_weight is not None
     assert torch.equal(layer(x), ops.fma_linear(x, kernels.fma_panels(weight), bias))
+    batched = torch.randn(2, 5, 80, dtype=torch.bfloat16)[..., :64]  # 3-d, rows 80 apart
+    assert torch.equal(layer(batched), layer(batched.reshape(10, 64).contiguous()).view(2, 5, 48))
 
 
 def test_a_float16_model_runs_on_the_eager_ops(default_model_dir):
