@@ -140,6 +140,10 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # sequences decoding together in one step
     max_num_batched_tokens: int = 2048  # tokens (prefill chunks + decodes) in one step
     max_waiting: int = 256  # queued requests beyond which new ones are refused
+    # Prompt-lookup speculative decoding (engine/speculation.py): draft tokens verified per
+    # greedy sequence and step, while at most `speculative_max_seqs` sequences run. 0: off.
+    speculative_tokens: int = 4
+    speculative_max_seqs: int = 4
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -23,6 +23,7 @@ from engine.request import FinishReason, Request, Sequence
 from engine.sampler import Sampler
 from engine.sampling_params import GENERATION_CONFIG_KEYS, SamplingParams
 from engine.scheduler import Scheduler
+from engine.speculation import accepted_tokens
 from engine.stopping import check_token_stop, find_stop_string, num_held_back_chars
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -77,8 +78,10 @@ class LLMEngine:
             raise ValueError(f"KV cache memory {memory} bytes holds no block of {block_size} tokens")
         self.kv_caches = allocate_kv_cache(self.model_config, num_blocks, block_size, dtype, self.device)
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device)
+        if not self.runner.paged_decode:  # only the fused decode kernel reads draft rows
+            self.scheduler.speculative_tokens = 0
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
 
@@ -86,6 +89,8 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
+        self.num_draft_tokens = 0  # speculative decoding: tokens guessed, and of them accepted
+        self.num_accepted_draft_tokens = 0
         logger.info(
             "engine ready: %s (%s, %s), max_model_len %d, %d KV blocks of %d tokens, %s kernels",
             self.model_name, self.model_config.model_type, config.dtype, self.max_model_len,
@@ -181,6 +186,9 @@ class LLMEngine:
             entry.seq.num_computed_tokens += entry.num_new_tokens
         if not sampled:
             return []
+        verified = []
+        if any(scheduled[i].draft for i in sampled):
+            logits, sampled, verified = self._split_draft_rows(logits, sampled, scheduled)
         seqs = [scheduled[i].seq for i in sampled]
         rows = list(range(len(seqs)))
         for row, seq in enumerate(list(seqs)):
@@ -189,11 +197,46 @@ class LLMEngine:
                 rows.append(row)  # the siblings' first tokens come from the same logits
         if len(rows) > len(sampled):
             logits = logits[rows]
-        token_ids, logprobs = self.sampler(logits, seqs)
-        for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
-            self._append_token(seq, token_id, logprob)
-        self.num_generated_tokens += len(seqs)
-        return seqs
+        if seqs:
+            token_ids, logprobs = self.sampler(logits, seqs)
+            for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+                self._append_token(seq, token_id, logprob)
+            self.num_generated_tokens += len(seqs)
+        return seqs + [self._accept_draft(entry, choices) for entry, choices in verified]
+
+    @staticmethod
+    def _split_draft_rows(logits, sampled, scheduled):
+        """Separate the rows of entries with a draft from the others' one row each. Returns the
+        others' logits and entry indices, and (entry, the argmax of each of its rows) pairs."""
+        plain_rows, plain, verified = [], [], []
+        row = 0
+        for i in sampled:
+            entry = scheduled[i]
+            if entry.draft:
+                choices = logits[row : row + 1 + len(entry.draft)].max(dim=-1).indices.tolist()
+                verified.append((entry, choices))
+            else:
+                plain_rows.append(row)
+                plain.append(i)
+            row += 1 + len(entry.draft)
+        return logits[plain_rows], plain, verified
+
+    def _accept_draft(self, entry, choices: list[int]) -> Sequence:
+        """Append the tokens a verified draft yields, up to a stop; the cache then holds K/V for
+        all but the last of them (rows past the first wrong guess are simply overwritten later)."""
+        seq = entry.seq
+        accepted = accepted_tokens(entry.draft, choices)
+        num_appended = 0
+        for token_id in accepted:
+            self._append_token(seq, token_id, None)
+            num_appended += 1
+            if seq.is_finished:
+                break
+        seq.num_computed_tokens += num_appended - 1
+        self.num_generated_tokens += num_appended
+        self.num_draft_tokens += len(entry.draft)
+        self.num_accepted_draft_tokens += len(accepted) - 1
+        return seq
 
     def _fork_siblings(self, seq: Sequence) -> list[Sequence]:
         """After sequence 0 of an n > 1 request has prefilled, start its siblings on shared blocks.
@@ -295,5 +338,7 @@ class LLMEngine:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generated_tokens=self.num_generated_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_draft_tokens=self.num_accepted_draft_tokens,
         )
 

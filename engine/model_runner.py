@@ -26,24 +26,27 @@ class ModelRunner:
 
     def execute(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns float32 logits [num_sampled, vocab] and the indices (into
-        `scheduled`) of the entries they belong to: those whose known tokens are now all computed."""
+        `scheduled`) of the entries they belong to: those whose known tokens are now all computed.
+        An entry with a draft has a row for its new token and one for each draft token after it."""
         input_ids: list[int] = []
         tables, computed, new = [], [], []
         sample_rows, sampled = [], []
+        num_decodes = 0
         row = -1
         for i, entry in enumerate(scheduled):
-            seq, n = entry.seq, entry.num_new_tokens
+            seq, n, draft = entry.seq, entry.num_new_tokens, entry.draft
             start = seq.num_computed_tokens
-            input_ids += seq.token_ids[start : start + n]
+            input_ids += seq.token_ids[start : start + n] + draft
             tables.append(self.block_manager.block_tables[seq.seq_id])
             computed.append(start)
-            new.append(n)
-            row += n
+            new.append(n + len(draft))
+            num_decodes += n == 1 and num_decodes == i
+            row += n + len(draft)
             if start + n == len(seq.token_ids):
-                sample_rows.append(row)
+                sample_rows += range(row - len(draft), row + 1)
                 sampled.append(i)
         positions, meta = build_attention_metadata(
-            tables, computed, new, self.block_manager.block_size, self.device, self.paged_decode
+            tables, computed, new, self.block_manager.block_size, self.device, self.paged_decode, num_decodes
         )
         self.num_kv_slots_read += meta.num_kv_slots_read
         self.num_kv_slots_used += meta.num_kv_slots_used

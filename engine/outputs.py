@@ -45,3 +45,5 @@ class EngineStats:
     num_prompt_tokens: int  # processed since start
     num_generated_tokens: int
     num_preemptions: int
+    num_draft_tokens: int = 0  # speculative decoding: tokens guessed since start
+    num_accepted_draft_tokens: int = 0  # of which the model confirmed

@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.request import FinishReason, RequestStatus, Sequence
+from engine.speculation import can_speculate, propose_draft
 
 
 @dataclass(slots=True)
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # tokens whose K/V this step computes, from seq.num_computed_tokens on
+    draft: list[int] = field(default_factory=list)  # guessed next tokens, verified in this step
 
 
 @dataclass(slots=True)
@@ -36,9 +38,11 @@ class Scheduler:
     freed and it is recomputed from its tokens when readmitted, so the oldest always progress.
     """
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.speculative_tokens = config.speculative_tokens  # 0 where drafts cannot be verified
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -70,11 +74,13 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
 
+        speculate = 0 < len(self.running) <= self.config.speculative_max_seqs
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
-            num_tokens = seq.num_computed_tokens + num_new
+            draft = self._draft(seq, budget - 1) if speculate and num_new == 1 else []
+            num_tokens = seq.num_computed_tokens + num_new + len(draft)
             if bm.blocks_for(num_tokens) > bm.num_blocks:
                 seq.finish(FinishReason.LENGTH)
                 self.remove(seq)
@@ -89,8 +95,8 @@ class Scheduler:
             if seq.status == RequestStatus.WAITING:  # preempted itself
                 break
             bm.allocate(seq.seq_id, num_tokens)
-            out.scheduled.append(ScheduledSequence(seq, num_new))
-            budget -= num_new
+            out.scheduled.append(ScheduledSequence(seq, num_new, draft))
+            budget -= num_new + len(draft)
             i += 1
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -118,6 +124,17 @@ class Scheduler:
             )
         )
         return out
+
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        """Tokens to verify after `seq`'s next one: within the step's budget, the context
+        length and max_tokens (tokens past those would be dropped anyway)."""
+        if not self.speculative_tokens or not can_speculate(seq):
+            return []
+        room = min(self.speculative_tokens, budget, self.max_model_len - len(seq.token_ids))
+        max_tokens = seq.request.params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - seq.num_generated_tokens - 1)
+        return propose_draft(seq.token_ids, room)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

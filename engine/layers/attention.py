@@ -66,12 +66,13 @@ class AttentionGroup:
 
 @dataclass(slots=True)
 class PagedDecode:
-    """The step's first `num_seqs` rows, one new token each, read by the fused kernel straight
-    from their blocks: no rectangle, no padding."""
+    """The step's first `num_rows` rows, read by the fused kernel straight from their blocks: no
+    rectangle, no padding. A row is a decoding sequence's new token, or one of the draft tokens
+    after it (engine/speculation.py), which attends to its context up to itself alone."""
 
-    num_seqs: int
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64
-    context_lens: torch.Tensor  # [num_seqs] int64, the new token included
+    num_rows: int
+    block_tables: torch.Tensor  # [num_rows, max_blocks] int64, each row's sequence's table
+    context_lens: torch.Tensor  # [num_rows] int64, the row's own token included
 
 
 @dataclass(slots=True)
@@ -90,19 +91,24 @@ def build_attention_metadata(
     block_size: int,
     device: torch.device | str = "cpu",
     paged_decode: bool = False,
+    num_decodes: int | None = None,
 ) -> tuple[torch.Tensor, AttentionMetadata]:
     """Positions [num_tokens] and attention metadata for one step.
 
-    Sequences with one new token (decodes) must come before those with several (prefills).
-    With `paged_decode` (where the fused kernels run: `kernels.use_for(kv cache)`) the decodes
-    are read straight from their blocks. Otherwise consecutive sequences of one kind share a rectangle until
-    padding would cost more than a new one, so ordering each kind by context length (longest
-    first) keeps padding low.
+    Decoding sequences must come before prefilling ones: by default those with one new token;
+    with `paged_decode`, the first `num_decodes` may also carry draft tokens to verify after
+    their new one. With `paged_decode` (where the fused kernels run: `kernels.use_for(kv
+    cache)`) the decodes are read straight from their blocks. Otherwise consecutive sequences of
+    one kind share a rectangle until padding would cost more than a new one, so ordering each
+    kind by context length (longest first) keeps padding low.
     """
     num_seqs = len(block_tables)
-    num_decodes = 0
-    while num_decodes < num_seqs and num_new_tokens[num_decodes] == 1:
-        num_decodes += 1
+    if num_decodes is None:
+        num_decodes = 0
+        while num_decodes < num_seqs and num_new_tokens[num_decodes] == 1:
+            num_decodes += 1
+    elif not paged_decode and any(n != 1 for n in num_new_tokens[:num_decodes]):
+        raise ValueError("draft tokens need the fused decode kernel")
     if any(n == 1 for n in num_new_tokens[num_decodes:]):
         raise ValueError("decoding sequences must precede prefilling ones")
 
@@ -125,8 +131,14 @@ def build_attention_metadata(
     groups, num_read = [], 0
     decode = None
     if paged_decode and num_decodes:
-        decode = PagedDecode(num_decodes, tables[:num_decodes].to(device), kv_lens[:num_decodes].to(device))
-        num_read += sum(kv_len_list[:num_decodes])
+        num_rows = starts[num_decodes] if num_decodes < num_seqs else len(seq_of_token)
+        if num_rows == num_decodes:  # one row per sequence
+            row_tables, row_lens = tables[:num_decodes], kv_lens[:num_decodes]
+        else:
+            row_seqs = seq_of_token[:num_rows]
+            row_tables, row_lens = tables[row_seqs], positions[:num_rows] + 1
+        decode = PagedDecode(num_rows, row_tables.to(device), row_lens.to(device))
+        num_read += int(row_lens.sum())
     for first, last in _split(num_computed_tokens, num_new_tokens, num_decodes, decode is None):
         group_new = new[first:last]
         start = starts[first]
@@ -319,7 +331,7 @@ def paged_attention(
     if meta.decode is not None:
         d = meta.decode
         outputs.append(
-            kernels.ops().paged_decode_attention(q[: d.num_seqs], k_cache, v_cache, d.block_tables, d.context_lens, scale)
+            kernels.ops().paged_decode_attention(q[: d.num_rows], k_cache, v_cache, d.block_tables, d.context_lens, scale)
         )
     for group in meta.groups:
         if group.kv_slots is None:

@@ -63,4 +63,4 @@ def make_scheduler(
         max_num_seqs=max_num_seqs or min(64, max_num_batched_tokens),
         max_num_batched_tokens=max_num_batched_tokens,
     )
-    return Scheduler(config, make_block_manager(num_blocks, block_size))
+    return Scheduler(config, make_block_manager(num_blocks, block_size), max_model_len=1 << 20)

@@ -69,7 +69,7 @@ def test_mixed_step_matches_per_sequence_attention(paged_decode, dtype):
     assert meta.num_kv_slots_used == sum(c + n for c, n in seqs)
     assert meta.groups[-1].kv_slots is None  # the fresh prompt reads its own new keys
     if paged_decode:  # no padding for the decodes; the chunk and the prompt as below
-        assert meta.decode.num_seqs == 3 and len(meta.groups) == 2
+        assert meta.decode.num_rows == 3 and len(meta.groups) == 2
         assert meta.num_kv_slots_read == 301 + 4 + 3 + 8 + 9
     else:  # the 301-token decode apart from the short ones, right-padded; 2 prefills
         assert meta.decode is None and len(meta.groups) == 4
