@@ -79,8 +79,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
+            num_tokens = seq.num_computed_tokens + num_new
             draft = self._draft(seq, budget - 1) if speculate and num_new == 1 else []
-            num_tokens = seq.num_computed_tokens + num_new + len(draft)
+            if draft and bm.can_allocate(seq.seq_id, num_tokens + len(draft)):  # never preempts for it
+                num_tokens += len(draft)
+            else:
+                draft = []
             if bm.blocks_for(num_tokens) > bm.num_blocks:
                 seq.finish(FinishReason.LENGTH)
                 self.remove(seq)

@@ -150,3 +150,19 @@ def test_real_model_gives_the_same_tokens_with_and_without_drafts(default_model_
         assert engine.block_manager.num_used_blocks == 0
     assert results[4] == results[0]
     assert all(len(o["ids"]) <= 60 for o in results[4].values())
+
+
+def test_a_draft_never_takes_blocks_another_sequence_holds():
+    scheduler = Scheduler(SchedulerConfig(speculative_tokens=4), make_block_manager(num_blocks=5, block_size=4), 1 << 20)
+    seq = make_seq([1, 2, 3, 1, 2, 3, 1, 2], temperature=0.0)  # two full blocks
+    other = make_seq([9, 8, 7, 6], temperature=0.0)
+    for s in (seq, other):
+        scheduler.add(s)
+    scheduler.schedule()
+    for s in (seq, other):
+        s.num_computed_tokens = len(s.token_ids) - 1
+    bm = scheduler.block_manager
+    bm.allocate(seq_id=999, num_tokens=bm.num_free_blocks * bm.block_size)  # a third sequence fills the pool
+    out = scheduler.schedule()
+    assert [(e.seq, e.draft) for e in out.scheduled] == [(seq, []), (other, [])]
+    assert not out.preempted
