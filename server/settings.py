@@ -210,7 +210,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("scheduler", "max_num_batched_tokens", _at_least(_parse_int, 1), 2048, "tokens (prefill chunks + decodes) in one step"),
     Knob("scheduler", "max_waiting", _at_least(_parse_int, 0), 256, "queued requests beyond which new ones get 429"),
     Knob("scheduler", "speculative_tokens", _at_least(_parse_int, 0), 4, "prompt-lookup draft tokens verified per greedy sequence and step; 0: off"),
-    Knob("scheduler", "speculative_max_seqs", _at_least(_parse_int, 0), 4, "speculate only while at most this many sequences run"),
+    Knob("scheduler", "speculative_max_seqs", _at_least(_parse_int, 0), 1, "speculate only while at most this many sequences run"),
     Knob("server", "host", _parse_str, "127.0.0.1", "address to listen on"),
     Knob("server", "port", _parse_int, 8000, "TCP port to listen on"),
     Knob("server", "api_key", _optional(_parse_str), None, "require `Authorization: Bearer <key>` on every route but /health"),

@@ -134,7 +134,7 @@ def test_real_model_gives_the_same_tokens_with_and_without_drafts(default_model_
     params = SamplingParams(temperature=0.0, max_tokens=60, stop=stop)
     results = {}
     for k in (0, 4):
-        engine = LLMEngine(EngineConfig(model=str(default_model_dir), scheduler=SchedulerConfig(speculative_tokens=k)))
+        engine = LLMEngine(EngineConfig(model=str(default_model_dir), scheduler=SchedulerConfig(speculative_tokens=k, speculative_max_seqs=3)))
         for i, prompt in enumerate(prompts):
             engine.add_request(str(i), engine.tokenizer.encode_chat([{"role": "user", "content": prompt}]), params)
         outputs = {}
