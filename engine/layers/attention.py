@@ -138,7 +138,7 @@ def build_attention_metadata(
             row_seqs = seq_of_token[:num_rows]
             row_tables, row_lens = tables[row_seqs], positions[:num_rows] + 1
         decode = PagedDecode(num_rows, row_tables.to(device), row_lens.to(device))
-        num_read += int(row_lens.sum())
+        num_read += sum(kv_len_list[:num_decodes])  # no padding (draft rows re-read their prefix)
     for first, last in _split(num_computed_tokens, num_new_tokens, num_decodes, decode is None):
         group_new = new[first:last]
         start = starts[first]
