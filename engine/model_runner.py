@@ -40,7 +40,8 @@ class ModelRunner:
             tables.append(self.block_manager.block_tables[seq.seq_id])
             computed.append(start)
             new.append(n + len(draft))
-            num_decodes += n == 1 and num_decodes == i
+            if n == 1 and num_decodes == i:  # the leading one-token entries decode
+                num_decodes += 1
             row += n + len(draft)
             if start + n == len(seq.token_ids):
                 sample_rows += range(row - len(draft), row + 1)

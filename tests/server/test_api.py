@@ -402,13 +402,17 @@ def test_tokenize_detokenize_round_trip(http: httpx.Client, client: OpenAI, toke
 
 def test_metrics(http: httpx.Client, client: OpenAI) -> None:
     chat_greedy(client, max_tokens=3)
+    # Alone and greedy, an answer that copies its prompt is decoded with accepted drafts.
+    copy = [{"role": "user", "content": "Copy this sentence exactly: The quick brown fox jumps over the lazy dog."}]
+    chat_greedy(client, messages=copy, max_tokens=24)
     text = http.get("/metrics").text
     assert re.search(
         r'kestrel_http_requests_total\{endpoint="/v1/chat/completions",status="200"\} [1-9]', text
     )
     for name in ("kestrel_time_to_first_token_seconds_count", "kestrel_inter_token_latency_seconds_count",
                  "kestrel_e2e_request_latency_seconds_count", "kestrel_prompt_tokens_total",
-                 "kestrel_generation_tokens_total"):  # fmt: skip
+                 "kestrel_generation_tokens_total", "kestrel_spec_decode_draft_tokens_total",
+                 "kestrel_spec_decode_accepted_tokens_total"):  # fmt: skip
         assert float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1)) > 0, name
     for name in ("kestrel_num_requests_running", "kestrel_num_requests_waiting", "kestrel_kv_cache_blocks_used",
                  "kestrel_kv_cache_blocks_total", "kestrel_num_preemptions_total"):  # fmt: skip
