@@ -148,6 +148,13 @@ inline void store8(uint16_t* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 inline __m256 rounded8(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16)); }
+// Sixteen bf16 widen to float32 in two ops, in an order of their own: a shift gives the even
+// elements (0, 2, .., 14), a mask the odd ones.
+inline __m256i load_raw16(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m256 even8(__m256i raw) { return _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)); }
+inline __m256 odd8(__m256i raw) {
+  return _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
 inline float sum_lanes8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -574,14 +581,8 @@ inline void accumulate_block64(const float* const* w, const uint16_t* v, int64_t
 #endif
 
 #ifdef KESTREL_AVX2_ONLY
-// head_dim 64 in bf16 on AVX2. A row of 16 bf16 widens to float32 in two ops: a shift gives its
-// even elements, a mask its odd ones. Queries and accumulators are therefore kept in that order,
-// [4 chunks][8 even, 8 odd], and put back in place at the end.
-inline __m256 even8(__m256i raw) { return _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)); }
-inline __m256 odd8(__m256i raw) {
-  return _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-inline __m256i load_raw16(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+// head_dim 64 in bf16 on AVX2: queries and accumulators are kept in the order even8 / odd8
+// widen a row in, [4 chunks][8 even, 8 odd], and put back in place at the end.
 
 // Lane i of the result holds the sum of v[i]'s eight lanes.
 inline __m256 sum_lanes8x8(const __m256* v) {
@@ -847,8 +848,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 // depends on the rest of the batch.
 //
 // The weight is pre-packed in panels of 16 outputs, [N / 16][K][16] (see fma_panels in
-// engine/kernels/__init__.py): lane 2j holds output j and lane 2j + 1 output 8 + j, so that one
-// 32-byte load widens to outputs 0-7 by a shift and to outputs 8-15 by a mask.
+// engine/kernels/__init__.py): lane 2j holds output j and lane 2j + 1 output 8 + j, so that
+// even8 / odd8 of one 32-byte load give outputs 0-7 and 8-15.
 
 inline void store_bf16x16(uint16_t* out, __m256 lo, __m256 hi) {  // outputs 0-7, 8-15
   // packus interleaves 128-bit lanes: [lo 0-3, hi 0-3, lo 4-7, hi 4-7]; the permute restores order.
@@ -863,13 +864,12 @@ void fma_tile(const float* x, int64_t K, const uint16_t* w, int64_t panel_stride
   __m256 acc[MR][NP][2];
   for (int r = 0; r < MR; ++r)
     for (int p = 0; p < NP; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t k = 0; k < K; ++k) {
     __m256 lo[NP], hi[NP];
     for (int p = 0; p < NP; ++p) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * panel_stride + k * 16));
-      lo[p] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      hi[p] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+      const __m256i v = load_raw16(w + p * panel_stride + k * 16);
+      lo[p] = even8(v);
+      hi[p] = odd8(v);
     }
     for (int r = 0; r < MR; ++r) {
       const __m256 xr = _mm256_broadcast_ss(x + r * K + k);

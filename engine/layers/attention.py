@@ -131,13 +131,9 @@ def build_attention_metadata(
     groups, num_read = [], 0
     decode = None
     if paged_decode and num_decodes:
-        num_rows = starts[num_decodes] if num_decodes < num_seqs else len(seq_of_token)
-        if num_rows == num_decodes:  # one row per sequence
-            row_tables, row_lens = tables[:num_decodes], kv_lens[:num_decodes]
-        else:
-            row_seqs = seq_of_token[:num_rows]
-            row_tables, row_lens = tables[row_seqs], positions[:num_rows] + 1
-        decode = PagedDecode(num_rows, row_tables.to(device), row_lens.to(device))
+        num_rows = sum(num_new_tokens[:num_decodes])
+        row_tables = tables[seq_of_token[:num_rows]]
+        decode = PagedDecode(num_rows, row_tables.to(device), (positions[:num_rows] + 1).to(device))
         num_read += sum(kv_len_list[:num_decodes])  # no padding (draft rows re-read their prefix)
     for first, last in _split(num_computed_tokens, num_new_tokens, num_decodes, decode is None):
         group_new = new[first:last]
