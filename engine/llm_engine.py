@@ -80,7 +80,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device)
-        if not self.runner.paged_decode:  # only the fused decode kernel reads draft rows
+        if not self.runner.fused_attention:  # only the fused kernel reads draft rows
             self.scheduler.speculative_tokens = 0
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
@@ -94,7 +94,7 @@ class LLMEngine:
         logger.info(
             "engine ready: %s (%s, %s), max_model_len %d, %d KV blocks of %d tokens, %s kernels",
             self.model_name, self.model_config.model_type, config.dtype, self.max_model_len,
-            num_blocks, block_size, "fused CPU" if self.runner.paged_decode else "eager torch",
+            num_blocks, block_size, "fused CPU" if self.runner.fused_attention else "eager torch",
         )
 
     # -- requests -------------------------------------------------------------------------

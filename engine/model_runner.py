@@ -19,7 +19,7 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_manager = block_manager
         self.device = device
-        self.paged_decode = kernels.use_for(kv_caches[0][0]) is not None  # the fused decode kernel
+        self.fused_attention = kernels.use_for(kv_caches[0][0]) is not None  # reads the blocks directly
         # Rectangular-batch accounting for the benchmarks: key slots read vs. real context tokens.
         self.num_kv_slots_read = 0
         self.num_kv_slots_used = 0
@@ -31,7 +31,6 @@ class ModelRunner:
         input_ids: list[int] = []
         tables, computed, new = [], [], []
         sample_rows, sampled = [], []
-        num_decodes = 0
         row = -1
         for i, entry in enumerate(scheduled):
             seq, n, draft = entry.seq, entry.num_new_tokens, entry.draft
@@ -40,14 +39,12 @@ class ModelRunner:
             tables.append(self.block_manager.block_tables[seq.seq_id])
             computed.append(start)
             new.append(n + len(draft))
-            if n == 1 and num_decodes == i:  # the leading one-token entries decode
-                num_decodes += 1
             row += n + len(draft)
             if start + n == len(seq.token_ids):
                 sample_rows += range(row - len(draft), row + 1)
                 sampled.append(i)
         positions, meta = build_attention_metadata(
-            tables, computed, new, self.block_manager.block_size, self.device, self.paged_decode, num_decodes
+            tables, computed, new, self.block_manager.block_size, self.device, self.fused_attention
         )
         self.num_kv_slots_read += meta.num_kv_slots_read
         self.num_kv_slots_used += meta.num_kv_slots_used

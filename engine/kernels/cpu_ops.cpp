@@ -630,10 +630,10 @@ inline void accumulate_block64_avx2(const float* w, const uint16_t* v, int64_t s
 }
 #endif
 
-// Each row of `scores` ([rows, len]) becomes its softmax.
-inline void softmax_rows(float* scores, int64_t rows, int64_t len) {
+// The first `len` scores of each of `rows` rows, `stride` apart, become their softmax.
+inline void softmax_rows(float* scores, int64_t rows, int64_t len, int64_t stride) {
   for (int64_t r = 0; r < rows; ++r) {
-    float* row = scores + r * len;
+    float* row = scores + r * stride;
     float mx = -INFINITY, sum = 0.f;
     int64_t start = 0;
 #ifdef KESTREL_AVX2_ONLY
@@ -664,40 +664,70 @@ inline void softmax_rows(float* scores, int64_t rows, int64_t len) {
   }
 }
 
-// One query token per sequence. q: [num_seqs, num_heads, head_dim] (rows may be strided);
-// caches: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks];
-// context_lens: [num_seqs]. Scores, softmax and the weighted sum of values are float32; each
-// (sequence, head) is computed alone, so a row's result does not depend on the batch.
+// Attention of every new token of a step, read straight from the paged cache.
+// q: [num_rows, num_heads, head_dim] (rows may be strided); caches: [num_blocks, block_size,
+// num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks]. Sequence s owns the rows
+// [query_starts[s], query_starts[s + 1]), the newest tokens of its context_lens[s]: its last
+// row sits at position context_lens[s] - 1, each row before it one position earlier, and a row
+// attends to its own position and all before it. Decodes are one row, a draft's rows or a
+// prompt chunk several. Scores, softmax and the weighted sum of values are float32 and each
+// (row, head) is computed on its own in the same order of operations, so a row's result is
+// the same whichever batch, chunk or step computes it.
 template <typename T>
-void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                           at::Tensor& out) {
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& block_tables, const at::Tensor& query_starts,
+                          const at::Tensor& context_lens, double scale, at::Tensor& out) {
+  const int64_t num_seqs = block_tables.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
-  const int64_t q_seq_stride = q.stride(0), q_head_stride = q.stride(1);
+  const int64_t q_row_stride = q.stride(0), q_head_stride = q.stride(1);
   const int64_t row_stride = num_kv_heads * head_dim;
   const T* qp = ptr<T>(q);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* starts = query_starts.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   T* op = ptr<T>(out);
   const float sc = static_cast<float>(scale);
-  // A work item is one sequence with all its kv heads (contiguous reads), or one kv head of
-  // it when there are too few sequences to keep every thread busy.
-  const int64_t split = num_seqs < at::get_num_threads() ? num_kv_heads : 1;
-  const int64_t heads_per_item = num_kv_heads / split;
 
-  // Sequences differ in length: hand items out one at a time rather than in equal ranges.
+  // A work item is a tile of consecutive rows of one sequence, which read each block of keys
+  // and values once for all of them, with all kv heads (contiguous reads); or one kv head of
+  // it when there are too few items to keep every thread busy. A tile's scores stay within
+  // about 256 KB (L2).
+  struct Item {
+    int64_t seq, first_row, num_rows;
+  };
+  std::vector<Item> items;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t rows = starts[s + 1] - starts[s];
+    const int64_t tile = std::clamp<int64_t>(64 * 1024 / (num_heads * lens[s]), 1, 16);
+    for (int64_t r = 0; r < rows; r += tile) items.push_back({s, r, std::min(tile, rows - r)});
+  }
+  // Longest contexts first: with items handed out one at a time, no thread is left with a long
+  // one at the end.
+  auto cost = [&](const Item& it) { return (lens[it.seq] - (starts[it.seq + 1] - starts[it.seq]) + it.first_row + it.num_rows) * it.num_rows; };
+  std::stable_sort(items.begin(), items.end(), [&](const Item& a, const Item& b) { return cost(a) > cost(b); });
+  const int64_t split = static_cast<int64_t>(items.size()) < at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t heads_per_item = num_kv_heads / split;
+  const int64_t num_items = static_cast<int64_t>(items.size()) * split;
+
   #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> scores, acc, q_split;
     #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < num_seqs * split; ++item) {
-      const int64_t s = item / split, kv_first = (item % split) * heads_per_item;
-      const int64_t len = lens[s], rows = heads_per_item * group;
-      const T* q_first = qp + s * q_seq_stride + kv_first * group * q_head_stride;
-      const PagedContext<T> keys{ptr<T>(k_cache) + kv_first * head_dim, tables + s * max_blocks, block_size, row_stride, len};
-      const PagedContext<T> values{ptr<T>(v_cache) + kv_first * head_dim, tables + s * max_blocks, block_size, row_stride, len};
+    for (int64_t index = 0; index < num_items; ++index) {
+      const Item& item = items[index / split];
+      const int64_t s = item.seq, kv_first = (index % split) * heads_per_item;
+      const int64_t num_new = starts[s + 1] - starts[s];
+      // Row t of the tile has a context of base_len + t + 1 tokens; the tile reads len of them.
+      const int64_t base_len = lens[s] - num_new + item.first_row, len = base_len + item.num_rows;
+      const int64_t heads = heads_per_item * group;  // query heads per row
+      const int64_t rows = item.num_rows * heads;  // (row, query head) pairs
+      const T* q_first = qp + (starts[s] + item.first_row) * q_row_stride + kv_first * group * q_head_stride;
+      auto q_of = [&](int64_t r) { return q_first + (r / heads) * q_row_stride + (r % heads) * q_head_stride; };
+      auto len_of = [&](int64_t r) { return base_len + r / heads + 1; };
+      const int64_t* table = tables + s * max_blocks;
+      const PagedContext<T> keys{ptr<T>(k_cache) + kv_first * head_dim, table, block_size, row_stride, len};
+      const PagedContext<T> values{ptr<T>(v_cache) + kv_first * head_dim, table, block_size, row_stride, len};
       scores.resize(rows * len);
       acc.assign(rows * head_dim, 0.f);
       const int64_t width = heads_per_item * head_dim;
@@ -708,7 +738,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
           q_split.resize(rows * 64);
           for (int64_t r = 0; r < rows; ++r) {
             for (int j = 0; j < 4; ++j) {
-              const __m256i raw = load_raw16(q_first + r * q_head_stride + 16 * j);
+              const __m256i raw = load_raw16(q_of(r) + 16 * j);
               _mm256_storeu_ps(q_split.data() + r * 64 + 16 * j, even8(raw));
               _mm256_storeu_ps(q_split.data() + r * 64 + 16 * j + 8, odd8(raw));
             }
@@ -723,81 +753,90 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
           keys.touch(first, kTouchWindow, width);
           values.touch(first, kTouchWindow, width);
         }
+        // Row (t, head) sees the block's first min(n, its context - first) keys.
+        for (int64_t r0 = 0; r0 < rows; r0 += heads) {
+          const int64_t seen = std::min(n, len_of(r0) - first);
+          if (seen <= 0) continue;
 #ifdef KESTREL_AVX512_BF16
-        if constexpr (std::is_same_v<T, uint16_t>) {
-          if (head_dim == 64 && block_size == 16) {
-            for (int64_t r = 0; r < rows; ++r) {
-              const __m512 dots = block_scores64(q_first + r * q_head_stride, block + (r / group) * head_dim, row_stride, n);
-              _mm512_mask_storeu_ps(scores.data() + r * len + first, (__mmask16)((1u << n) - 1),
-                                    _mm512_mul_ps(dots, _mm512_set1_ps(sc)));
+          if constexpr (std::is_same_v<T, uint16_t>) {
+            if (head_dim == 64 && block_size == 16) {
+              for (int64_t r = r0; r < r0 + heads; ++r) {
+                const __m512 dots = block_scores64(q_of(r), block + ((r % heads) / group) * head_dim, row_stride, seen);
+                _mm512_mask_storeu_ps(scores.data() + r * len + first, (__mmask16)((1u << seen) - 1),
+                                      _mm512_mul_ps(dots, _mm512_set1_ps(sc)));
+              }
+              continue;
             }
-            return;
           }
-        }
 #endif
 #ifdef KESTREL_AVX2_ONLY
-        if constexpr (split_order) {
-          if (head_dim == 64) {
-            for (int64_t r = 0; r < rows; ++r) {
-              block_scores64_avx2(q_split.data() + r * 64, block + (r / group) * head_dim, row_stride, n, sc,
-                                  scores.data() + r * len + first);
+          if constexpr (split_order) {
+            if (head_dim == 64) {
+              for (int64_t r = r0; r < r0 + heads; ++r) {
+                block_scores64_avx2(q_split.data() + r * 64, block + ((r % heads) / group) * head_dim, row_stride,
+                                    seen, sc, scores.data() + r * len + first);
+              }
+              continue;
             }
-            return;
           }
-        }
 #endif
-        for (int64_t i = 0; i < n; ++i) {
-          for (int64_t h = 0; h < heads_per_item; ++h) {
-            const T* k = block + i * row_stride + h * head_dim;
-            for (int64_t g = 0; g < group; ++g) {
-              const int64_t r = h * group + g;
-              scores[r * len + first + i] = dot(q_first + r * q_head_stride, k, head_dim) * sc;
+          for (int64_t i = 0; i < seen; ++i) {
+            for (int64_t h = 0; h < heads_per_item; ++h) {
+              const T* k = block + i * row_stride + h * head_dim;
+              for (int64_t g = 0; g < group; ++g) {
+                const int64_t r = r0 + h * group + g;
+                scores[r * len + first + i] = dot(q_of(r), k, head_dim) * sc;
+              }
             }
           }
         }
       });
-      softmax_rows(scores.data(), rows, len);
+      for (int64_t r0 = 0; r0 < rows; r0 += heads) softmax_rows(scores.data() + r0 * len, heads, len_of(r0), len);
       values.for_each_block([&](int64_t first, const T* block, int64_t n) {
+        for (int64_t r0 = 0; r0 < rows; r0 += heads) {
+          const int64_t seen = std::min(n, len_of(r0) - first);
+          if (seen <= 0) continue;
 #ifdef KESTREL_AVX512_BF16
-        if constexpr (std::is_same_v<T, uint16_t>) {
-          if (head_dim == 64) {
-            for (int64_t h = 0; h < heads_per_item; ++h) {
-              for (int64_t g0 = 0; g0 < group; g0 += 4) {  // query heads of this kv head, 4 at a time
-                const int64_t count = std::min<int64_t>(4, group - g0);
-                const float* w[4];
-                float* a[4];
-                for (int64_t g = 0; g < count; ++g) {
-                  w[g] = scores.data() + (h * group + g0 + g) * len + first;
-                  a[g] = acc.data() + (h * group + g0 + g) * head_dim;
+          if constexpr (std::is_same_v<T, uint16_t>) {
+            if (head_dim == 64) {
+              for (int64_t h = 0; h < heads_per_item; ++h) {
+                for (int64_t g0 = 0; g0 < group; g0 += 4) {  // query heads of this kv head, 4 at a time
+                  const int64_t count = std::min<int64_t>(4, group - g0);
+                  const float* w[4];
+                  float* a[4];
+                  for (int64_t g = 0; g < count; ++g) {
+                    w[g] = scores.data() + (r0 + h * group + g0 + g) * len + first;
+                    a[g] = acc.data() + (r0 + h * group + g0 + g) * head_dim;
+                  }
+                  accumulate_block64(w, block + h * head_dim, row_stride, seen, a, count);
                 }
-                accumulate_block64(w, block + h * head_dim, row_stride, n, a, count);
               }
+              continue;
             }
-            return;
           }
-        }
 #endif
 #ifdef KESTREL_AVX2_ONLY
-        if constexpr (split_order) {
-          if (head_dim == 64) {
-            for (int64_t r = 0; r < rows; ++r) {
-              accumulate_block64_avx2(scores.data() + r * len + first, block + (r / group) * head_dim, row_stride, n,
-                                      acc.data() + r * 64);
+          if constexpr (split_order) {
+            if (head_dim == 64) {
+              for (int64_t r = r0; r < r0 + heads; ++r) {
+                accumulate_block64_avx2(scores.data() + r * len + first, block + ((r % heads) / group) * head_dim,
+                                        row_stride, seen, acc.data() + r * 64);
+              }
+              continue;
             }
-            return;
           }
-        }
 #endif
-        for (int64_t h = 0; h < heads_per_item; ++h) {
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t r = h * group + g;
-            accumulate_rows(scores.data() + r * len + first, block + h * head_dim, row_stride, n, head_dim,
-                            acc.data() + r * head_dim);
+          for (int64_t h = 0; h < heads_per_item; ++h) {
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t r = r0 + h * group + g;
+              accumulate_rows(scores.data() + r * len + first, block + h * head_dim, row_stride, seen, head_dim,
+                              acc.data() + r * head_dim);
+            }
           }
         }
       });
       for (int64_t r = 0; r < rows; ++r) {
-        T* o = op + (s * num_heads + kv_first * group + r) * head_dim;
+        T* o = op + ((starts[s] + item.first_row + r / heads) * num_heads + kv_first * group + r % heads) * head_dim;
         const float* a = acc.data() + r * head_dim;
         if (split_order && head_dim == 64) {  // chunk j: 8 even elements, then 8 odd ones
           for (int64_t d = 0; d < 64; ++d) o[d] = from_f32<T>(a[d / 16 * 16 + (d % 2) * 8 + d % 16 / 2]);
@@ -809,31 +848,39 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
   }
 }
 
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& query_starts,
+                           const at::Tensor& context_lens, double scale) {
   check_cpu_contiguous_rows(q, "q");
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [num_seqs, num_heads, head_dim], caches 4-d");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [num_rows, num_heads, head_dim], caches 4-d");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
-              block_tables.is_contiguous() && context_lens.is_contiguous(),
-              "block_tables and context_lens must be contiguous int64");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && query_starts.scalar_type() == at::kLong &&
+              context_lens.scalar_type() == at::kLong && block_tables.is_contiguous() &&
+              query_starts.is_contiguous() && context_lens.is_contiguous(),
+              "block_tables, query_starts and context_lens must be contiguous int64");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && q.size(2) == k_cache.size(3), "head shapes do not match");
-  TORCH_CHECK(block_tables.size(0) == q.size(0) && context_lens.numel() == q.size(0), "one table and length per query");
+  const int64_t num_seqs = block_tables.size(0);
+  TORCH_CHECK(query_starts.numel() == num_seqs + 1 && context_lens.numel() == num_seqs,
+              "one table and length per sequence, and one more query start");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes() &&
               v_cache.scalar_type() == k_cache.scalar_type(), "q and both caches must share a dtype and shape");
+  const int64_t* starts = query_starts.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t max_blocks = block_tables.size(1), block_size = k_cache.size(1);
-  for (int64_t s = 0; s < q.size(0); ++s) {
-    TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size, "context length ", lens[s], " does not fit its block table");
+  TORCH_CHECK(starts[0] == 0 && starts[num_seqs] == q.size(0), "query starts must run from 0 to the number of rows");
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t rows = starts[s + 1] - starts[s];
+    TORCH_CHECK(rows >= 1 && rows <= lens[s], "sequence ", s, " has ", rows, " query rows and a context of ", lens[s]);
+    TORCH_CHECK(lens[s] <= max_blocks * block_size, "context length ", lens[s], " does not fit its block table");
     for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b) {
       TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < k_cache.size(0), "block id outside the cache");
     }
   }
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  dispatch(q.scalar_type(), "paged_decode_attention", [&](auto raw) {
+  dispatch(q.scalar_type(), "paged_attention", [&](auto raw) {
     using scalar_t = decltype(raw);
-    decode_attention_impl<scalar_t>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
+    paged_attention_impl<scalar_t>(q, k_cache, v_cache, block_tables, query_starts, context_lens, scale, out);
   });
   return out;
 }
@@ -1093,8 +1140,8 @@ TORCH_LIBRARY(kestrel, m) {
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("rotary_and_store(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, int num_heads, "
         "int num_kv_heads, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping) -> ()");
-  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor query_starts, Tensor context_lens, float scale) -> Tensor");
 #ifdef KESTREL_AVX2
   m.def("fma_linear(Tensor x, Tensor w_panels, Tensor? bias) -> Tensor");
 #endif
@@ -1107,7 +1154,7 @@ TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_and_store", &rotary_and_store);
-  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_attention", &paged_attention);
 #ifdef KESTREL_AVX2
   m.impl("fma_linear", &fma_linear);
 #endif

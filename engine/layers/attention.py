@@ -12,10 +12,11 @@ sits in the last column and the causal mask is one diagonal for all rows:
     positions read                               -   -   -   0   1   2   3   4
     mask                                         0   0   0   1   1   1   1   1
 
-On the CPU, decodes (one query per sequence) skip rectangles altogether: the fused kernel
-(engine/kernels) reads each sequence's keys and values straight from its blocks. Elsewhere,
-decode rectangles are right-padded instead, to a width rounded up to DECODE_WIDTH_MULTIPLE,
-which keeps each row's arithmetic identical to a batch of one:
+On the CPU no rectangle is formed at all: the fused kernel (engine/kernels) reads every
+sequence's keys and values straight from its blocks, decodes, draft rows and prompt chunks
+alike, and computes each row the same way whatever else is in the step. Elsewhere, decode
+rectangles are right-padded instead, to a width rounded up to DECODE_WIDTH_MULTIPLE, which
+keeps each row's arithmetic identical to a batch of one:
 
     kv_len = 5, width 16                columns: 0   1   2   3   4   5 ... 15
     positions read                               0   1   2   3   4   -     -
@@ -65,23 +66,24 @@ class AttentionGroup:
 
 
 @dataclass(slots=True)
-class PagedDecode:
-    """The step's first `num_rows` rows, read by the fused kernel straight from their blocks: no
-    rectangle, no padding. A row is a decoding sequence's new token, or one of the draft tokens
-    after it (engine/speculation.py), which attends to its context up to itself alone."""
+class PagedBatch:
+    """Every sequence of the step, read by the fused kernel straight from its blocks: no
+    rectangle, no padding. Sequence i's rows are [query_starts[i], query_starts[i + 1]), the
+    newest tokens of its context: a decode's one token, a decode with draft tokens after it
+    (engine/speculation.py), or a prompt chunk."""
 
-    num_rows: int
-    block_tables: torch.Tensor  # [num_rows, max_blocks] int64, each row's sequence's table
-    context_lens: torch.Tensor  # [num_rows] int64, the row's own token included
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64
+    query_starts: torch.Tensor  # [num_seqs + 1] int64
+    context_lens: torch.Tensor  # [num_seqs] int64, the new tokens included
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
-    groups: list[AttentionGroup]
+    groups: list[AttentionGroup]  # the rectangles, where the fused kernel does not run
     num_kv_slots_read: int  # key slots the rectangles read, padding included
     num_kv_slots_used: int  # of which real context tokens
-    decode: PagedDecode | None = None  # set when the fused decode kernel reads the decodes
+    paged: PagedBatch | None = None  # set instead of groups where the fused kernel runs
 
 
 def build_attention_metadata(
@@ -90,26 +92,21 @@ def build_attention_metadata(
     num_new_tokens: list[int],
     block_size: int,
     device: torch.device | str = "cpu",
-    paged_decode: bool = False,
-    num_decodes: int | None = None,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, AttentionMetadata]:
     """Positions [num_tokens] and attention metadata for one step.
 
-    Decoding sequences must come before prefilling ones: by default those with one new token;
-    with `paged_decode`, the first `num_decodes` may also carry draft tokens to verify after
-    their new one. With `paged_decode` (where the fused kernels run: `kernels.use_for(kv
-    cache)`) the decodes are read straight from their blocks. Otherwise consecutive sequences of
-    one kind share a rectangle until padding would cost more than a new one, so ordering each
-    kind by context length (longest first) keeps padding low.
+    With `fused` (where the fused kernels run: `kernels.use_for(kv cache)`), the sequences come
+    in any order, and several new tokens may follow a decode (a draft to verify). Otherwise
+    decoding sequences (one new token) must come before prefilling ones, and consecutive
+    sequences of one kind share a rectangle until padding would cost more than a new one, so
+    ordering each kind by context length (longest first) keeps padding low.
     """
     num_seqs = len(block_tables)
-    if num_decodes is None:
-        num_decodes = 0
-        while num_decodes < num_seqs and num_new_tokens[num_decodes] == 1:
-            num_decodes += 1
-    elif not paged_decode and any(n != 1 for n in num_new_tokens[:num_decodes]):
-        raise ValueError("draft tokens need the fused decode kernel")
-    if any(n == 1 for n in num_new_tokens[num_decodes:]):
+    num_decodes = 0
+    while num_decodes < num_seqs and num_new_tokens[num_decodes] == 1:
+        num_decodes += 1
+    if not fused and any(n == 1 for n in num_new_tokens[num_decodes:]):
         raise ValueError("decoding sequences must precede prefilling ones")
 
     max_blocks = max(len(t) for t in block_tables)
@@ -127,15 +124,14 @@ def build_attention_metadata(
     slot_mapping = _slots(tables[seq_of_token], positions, block_size)
 
     kv_len_list = [c + n for c, n in zip(num_computed_tokens, num_new_tokens)]
+    if fused:
+        query_starts = torch.cat([token_starts, token_starts[-1:] + new[-1:]])
+        paged = PagedBatch(tables.to(device), query_starts.to(device), kv_lens.to(device))
+        total = sum(kv_len_list)
+        return positions.to(device), AttentionMetadata(slot_mapping.to(device), [], total, total, paged)
     starts = token_starts.tolist()
     groups, num_read = [], 0
-    decode = None
-    if paged_decode and num_decodes:
-        num_rows = sum(num_new_tokens[:num_decodes])
-        row_tables = tables[seq_of_token[:num_rows]]
-        decode = PagedDecode(num_rows, row_tables.to(device), (positions[:num_rows] + 1).to(device))
-        num_read += sum(kv_len_list[:num_decodes])  # no padding (draft rows re-read their prefix)
-    for first, last in _split(num_computed_tokens, num_new_tokens, num_decodes, decode is None):
+    for first, last in _split(num_computed_tokens, num_new_tokens, num_decodes):
         group_new = new[first:last]
         start = starts[first]
         end = start + int(group_new.sum())
@@ -161,29 +157,27 @@ def build_attention_metadata(
         group.query_rows, group.kv_slots, group.mask = (
             to(group.query_rows), to(group.kv_slots), to(group.mask)
         )
-    meta = AttentionMetadata(to(slot_mapping), groups, num_read, sum(kv_len_list), decode)
+    meta = AttentionMetadata(to(slot_mapping), groups, num_read, sum(kv_len_list))
     return positions.to(device), meta
 
 
-def _split(
-    num_computed: list[int], num_new: list[int], num_decodes: int, group_decodes: bool = True
-) -> list[tuple[int, int]]:
+def _split(num_computed: list[int], num_new: list[int], num_decodes: int) -> list[tuple[int, int]]:
     """[first, last) sequence ranges, each read as one rectangle (or one fresh prompt).
 
-    Decodes (unless `group_decodes` is off: the fused kernel reads them), ordered longest
-    first, share a rectangle until the context length halves and the padding the rest would
-    carry outweighs a group's fixed cost, so there are at most ~log2 of them. A prompt with
-    nothing cached is a range of its own; chunks continuing a cached prefix share one rectangle.
+    Decodes, ordered longest first, share a rectangle until the context length halves and the
+    padding the rest would carry outweighs a group's fixed cost, so there are at most ~log2 of
+    them. A prompt with nothing cached is a range of its own; chunks continuing a cached prefix
+    share one rectangle.
     """
     ranges = []
     first, max_kv = 0, 0
-    for i in range(num_decodes if group_decodes else 0):
+    for i in range(num_decodes):
         kv_len = num_computed[i] + 1
         if i > first and 2 * kv_len < max_kv and (max_kv - kv_len) * (num_decodes - i) > DECODE_GROUP_COST:
             ranges.append((first, i))
             first, max_kv = i, 0
         max_kv = max(max_kv, kv_len)
-    if num_decodes and group_decodes:
+    if num_decodes:
         ranges.append((first, num_decodes))
     chunks = [i for i in range(num_decodes, len(num_new)) if num_computed[i]]
     ranges += [(i, i + 1) for i in range(num_decodes, len(num_new)) if not num_computed[i]]
@@ -323,12 +317,10 @@ def paged_attention(
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, num_kv_heads, head_dim]
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
 
+    if meta.paged is not None:
+        p = meta.paged
+        return kernels.ops().paged_attention(q, k_cache, v_cache, p.block_tables, p.query_starts, p.context_lens, scale)
     outputs = []
-    if meta.decode is not None:
-        d = meta.decode
-        outputs.append(
-            kernels.ops().paged_decode_attention(q[: d.num_rows], k_cache, v_cache, d.block_tables, d.context_lens, scale)
-        )
     for group in meta.groups:
         if group.kv_slots is None:
             outputs.append(_fresh_prompt_attention(q, k, v, group, scale))

@@ -13,7 +13,9 @@ from engine.layers.attention import build_attention_metadata
 def prefill_logits(model, prompts: list[list[int]], block_size: int = 16) -> list[torch.Tensor]:
     """Logits at every prompt position, all prompts in one step: [len(prompt), vocab] each."""
     cache, tables = _cache_for(model, [len(p) for p in prompts], block_size)
-    positions, meta = build_attention_metadata(tables, [0] * len(prompts), [len(p) for p in prompts], block_size)
+    positions, meta = build_attention_metadata(
+        tables, [0] * len(prompts), [len(p) for p in prompts], block_size, fused=_fused(cache)
+    )
     input_ids = torch.tensor([t for p in prompts for t in p])
     logits = model.compute_logits(model(input_ids, positions, cache, meta))
     return list(logits.split([len(p) for p in prompts]))
@@ -24,8 +26,8 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, block_
     """Prefill all prompts in one step, then decode them together."""
     lengths = [len(p) for p in prompts]
     cache, tables = _cache_for(model, [n + max_new_tokens for n in lengths], block_size)
-    paged = kernels.use_for(cache[0][0]) is not None  # decodes through the fused kernel, as the runner does
-    positions, meta = build_attention_metadata(tables, [0] * len(prompts), lengths, block_size)
+    fused = _fused(cache)
+    positions, meta = build_attention_metadata(tables, [0] * len(prompts), lengths, block_size, fused=fused)
     hidden = model(torch.tensor([t for p in prompts for t in p]), positions, cache, meta)
     last_rows = torch.tensor(lengths).cumsum(0) - 1
     next_ids = model.compute_logits(hidden[last_rows]).argmax(-1)
@@ -33,13 +35,18 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, block_
     computed = list(lengths)
     for _ in range(max_new_tokens - 1):
         positions, meta = build_attention_metadata(
-            tables, computed, [1] * len(prompts), block_size, paged_decode=paged
+            tables, computed, [1] * len(prompts), block_size, fused=fused
         )
         next_ids = model.compute_logits(model(next_ids, positions, cache, meta)).argmax(-1)
         computed = [n + 1 for n in computed]
         for out, t in zip(outputs, next_ids):
             out.append(int(t))
     return outputs
+
+
+def _fused(cache) -> bool:
+    """Whether the runner would attend through the fused kernel for this cache."""
+    return kernels.use_for(cache[0][0]) is not None
 
 
 def _cache_for(model, max_lens: list[int], block_size: int):

@@ -24,16 +24,16 @@ def reference(q_all, k_all, v_all, scale):
     return out.transpose(0, 1)
 
 
-# The fused kernel reads decodes straight from their blocks; without it they share rectangles.
-DECODE_PATHS = [
+# The fused kernel reads every sequence straight from its blocks; without it they share rectangles.
+PATHS = [
     False,
     pytest.param(True, marks=pytest.mark.skipif(not kernels.available_on(torch.device("cpu")), reason="no fused kernels")),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("paged_decode", DECODE_PATHS)
-def test_mixed_step_matches_per_sequence_attention(paged_decode, dtype):
+@pytest.mark.parametrize("fused", PATHS)
+def test_mixed_step_matches_per_sequence_attention(fused, dtype):
     torch.manual_seed(0)
     # (tokens already cached, new tokens): decodes of very different lengths, then prefills
     # (a chunk continuing a cached prefix, and a fresh prompt).
@@ -52,7 +52,7 @@ def test_mixed_step_matches_per_sequence_attention(paged_decode, dtype):
             k_cache[table[pos // BLOCK], pos % BLOCK] = k[pos]
             v_cache[table[pos // BLOCK], pos % BLOCK] = v[pos]
     positions, meta = build_attention_metadata(
-        tables, [c for c, _ in seqs], [n for _, n in seqs], BLOCK, paged_decode=paged_decode
+        tables, [c for c, _ in seqs], [n for _, n in seqs], BLOCK, fused=fused
     )
     q = torch.randn(sum(n for _, n in seqs), HEADS, DIM, dtype=dtype)
     new_k = torch.cat([k[c:] for (c, _), k in zip(seqs, full_k)])
@@ -67,17 +67,17 @@ def test_mixed_step_matches_per_sequence_attention(paged_decode, dtype):
         assert positions[row : row + new].tolist() == list(range(cached, cached + new))
         row += new
     assert meta.num_kv_slots_used == sum(c + n for c, n in seqs)
-    assert meta.groups[-1].kv_slots is None  # the fresh prompt reads its own new keys
-    if paged_decode:  # no padding for the decodes; the chunk and the prompt as below
-        assert meta.decode.num_rows == 3 and len(meta.groups) == 2
-        assert meta.num_kv_slots_read == 301 + 4 + 3 + 8 + 9
+    if fused:  # one kernel call, no padding
+        assert meta.groups == [] and meta.paged.query_starts.tolist() == [0, 1, 2, 3, 6, 15]
+        assert meta.num_kv_slots_read == meta.num_kv_slots_used
     else:  # the 301-token decode apart from the short ones, right-padded; 2 prefills
-        assert meta.decode is None and len(meta.groups) == 4
+        assert meta.paged is None and len(meta.groups) == 4
+        assert meta.groups[-1].kv_slots is None  # the fresh prompt reads its own new keys
         assert meta.num_kv_slots_read == 304 + 2 * 16 + 8 + 9
 
 
 def test_similar_lengths_share_one_rectangle():
     tables = [[i] * 10 for i in range(6)]
-    _, meta = build_attention_metadata(tables, [30, 29, 28, 27, 26, 25], [1] * 6, BLOCK, paged_decode=False)
+    _, meta = build_attention_metadata(tables, [30, 29, 28, 27, 26, 25], [1] * 6, BLOCK)
     assert len(meta.groups) == 1
     assert meta.groups[0].kv_slots.shape == (6, 32)  # right-padded to a multiple of 16

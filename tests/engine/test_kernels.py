@@ -76,71 +76,67 @@ def test_silu_and_mul(dtype, width):
 @needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 48])  # the vectorised path and the generic one
-def test_rotary_and_store(dtype, head_dim):
-    torch.manual_seed(0)
-    heads, kv_heads, tokens = 9, 3, 6
-    rope = RotaryEmbedding(head_dim, 4096, RopeConfig(theta=100000.0))(torch.tensor([0, 1, 7, 100, 2047, 4095]), dtype)
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
-    eager = qkv.view(tokens, -1, head_dim).clone()
-    rotated = apply_rotary(eager[:, : heads + kv_heads], *rope.per_token())
-    k_cache = torch.zeros(8, 4, kv_heads, head_dim, dtype=dtype)
-    v_cache = torch.zeros_like(k_cache)
-    slots = torch.tensor([31, 0, 5, 6, 17, 12])
-
-    ops.rotary_and_store(qkv, rope.positions, rope.cos_table, rope.sin_table, heads, kv_heads, k_cache, v_cache, slots)
-
-    got = qkv.view(tokens, -1, head_dim)
-    assert_same(got[:, : heads + kv_heads], rotated)
-    assert torch.equal(got[:, heads + kv_heads :], eager[:, heads + kv_heads :])  # v untouched
-    assert torch.equal(k_cache.view(-1, kv_heads, head_dim)[slots], got[:, heads : heads + kv_heads])
-    assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[slots], eager[:, heads + kv_heads :])
-    assert int((k_cache != 0).any(-1).any(-1).sum()) == tokens  # nothing else written
-
-
-@needs_ops
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [64, 48])  # the vectorised path and the generic one
 @pytest.mark.parametrize("heads", [6, 14])  # 3 and 7 query heads per kv head (SmolLM2, Qwen2.5)
-def test_paged_decode_attention(dtype, head_dim, heads):
+def test_paged_attention(dtype, head_dim, heads):
+    """Decodes, a draft, prompt chunks and whole prompts in one call: every row equals causal
+    attention over its prefix, and equals to the bit the same row computed alone as a decode."""
     torch.manual_seed(0)
-    kv_heads, block_size, num_blocks = 2, 16, 64
+    kv_heads, block_size, num_blocks = 2, 16, 160
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
-    lens = torch.tensor([1, 16, 17, 300, 45])
-    tables = torch.stack([torch.randperm(num_blocks)[:19] for _ in lens])  # scattered blocks
-    q_rows = torch.randn(len(lens), heads + 7, head_dim, dtype=dtype)  # strided, as in the model
+    # (context length, query rows): decodes, a decode with 3 draft tokens, a chunk after a
+    # cached prefix, whole prompts (several tiles of rows, and a long one with small tiles).
+    shape = [(1, 1), (17, 1), (300, 1), (45, 4), (65, 20), (40, 40), (1000, 9)]
+    lens = torch.tensor([n for n, _ in shape])
+    starts = torch.tensor([0] + [r for _, r in shape]).cumsum(0)
+    tables = torch.stack([torch.randperm(num_blocks)[:63] for _ in shape])  # scattered blocks
+    q_rows = torch.randn(int(starts[-1]), heads + 7, head_dim, dtype=dtype)  # strided, as in the model
     q = q_rows[:, :heads]
     scale = head_dim**-0.5
 
-    out = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    out = ops.paged_attention(q, k_cache, v_cache, tables, starts, lens, scale)
 
-    for s, length in enumerate(lens.tolist()):
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for s, (length, rows) in enumerate(shape):
         p = torch.arange(length)
         slots = tables[s, p // block_size] * block_size + p % block_size
-        k = k_cache.view(-1, kv_heads, head_dim)[slots].float().transpose(0, 1)
-        v = v_cache.view(-1, kv_heads, head_dim)[slots].float().transpose(0, 1)
+        k = k_cache.view(-1, kv_heads, head_dim)[slots].float().repeat_interleave(heads // kv_heads, 1)
+        v = v_cache.view(-1, kv_heads, head_dim)[slots].float().repeat_interleave(heads // kv_heads, 1)
+        mine = q[starts[s] : starts[s + 1]]
+        causal = p[None, :] <= p[length - rows :, None]  # [rows, length]
         want = F.scaled_dot_product_attention(
-            q[s].float().view(kv_heads, heads // kv_heads, head_dim), k, v, scale=scale
-        ).reshape(heads, head_dim)
-        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-        torch.testing.assert_close(out[s].float(), want, atol=tolerance, rtol=tolerance)
-        # Each sequence's result is the same alone as in the batch.
-        alone = ops.paged_decode_attention(q[s : s + 1], k_cache, v_cache, tables[s : s + 1], lens[s : s + 1], scale)
-        assert torch.equal(alone[0], out[s])
+            mine.float().transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=causal, scale=scale
+        ).transpose(0, 1)
+        torch.testing.assert_close(out[starts[s] : starts[s + 1]].float(), want, atol=tolerance, rtol=tolerance)
+        for r in range(rows):
+            alone = ops.paged_attention(
+                mine[r : r + 1], k_cache, v_cache, tables[s : s + 1], torch.tensor([0, 1]),
+                torch.tensor([length - rows + r + 1]), scale,
+            )
+            assert torch.equal(alone[0], out[starts[s] + r])
 
 
 @needs_ops
 def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     q = torch.randn(2, 4, 64, dtype=torch.bfloat16)
     cache = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
+    one_each = torch.tensor([0, 1, 2])
+
+    def attend(tables, lens, starts=one_each):
+        return ops.paged_attention(q, cache, cache, tables, starts, lens, 1.0)
+
     with pytest.raises(RuntimeError, match="int64"):
-        ops.paged_decode_attention(q, cache, cache, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.long), 1.0)
-    with pytest.raises(RuntimeError, match="one table and length per query"):
-        ops.paged_decode_attention(q, cache, cache, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, dtype=torch.long), 1.0)
+        attend(torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="one table and length per sequence"):
+        attend(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, dtype=torch.long))
     with pytest.raises(RuntimeError, match="does not fit its block table"):
-        ops.paged_decode_attention(q, cache, cache, torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 17]), 1.0)
+        attend(torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 17]))
     with pytest.raises(RuntimeError, match="block id outside the cache"):
-        ops.paged_decode_attention(q, cache, cache, torch.tensor([[0], [4]]), torch.tensor([1, 1]), 1.0)
+        attend(torch.tensor([[0], [4]]), torch.tensor([1, 1]))
+    with pytest.raises(RuntimeError, match="query starts"):
+        attend(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long), torch.tensor([0, 1, 3]))
+    with pytest.raises(RuntimeError, match="2 query rows and a context of 1"):
+        attend(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), torch.tensor([0, 2]))
     qkv = torch.zeros(1, 8 * 64, dtype=torch.bfloat16)
     table = torch.zeros(10, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="outside the rotary table"):
@@ -311,7 +307,7 @@ def test_a_float16_model_runs_on_the_eager_ops(default_model_dir):
 
     assert kernels.use_for(torch.zeros(1, dtype=torch.float16)) is None
     llm = LLM(str(default_model_dir), dtype="float16")
-    assert not llm.engine.runner.paged_decode
+    assert not llm.engine.runner.fused_attention
     [result] = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert result.error is None and len(result.completions[0].token_ids) == 8
     assert "Paris" in result.completions[0].text

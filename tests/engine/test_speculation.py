@@ -104,19 +104,17 @@ def test_scheduler_speculates_only_for_few_running_sequences():
 
 
 def test_draft_rows_attend_each_to_its_own_prefix():
-    """Sequence 0 decodes with two draft tokens after its new one, sequence 1 plainly: four
-    rows for the fused kernel, each with its sequence's block table and its own length."""
+    """Sequence 0 decodes with two draft tokens after its new one, sequence 1 plainly: for the
+    fused kernel the draft rows are three query rows of sequence 0, the newest of its context."""
     tables = [[3, 7], [5]]
-    positions, meta = build_attention_metadata(
-        tables, [5, 2], [3, 1], block_size=4, paged_decode=True, num_decodes=2
-    )
+    positions, meta = build_attention_metadata(tables, [5, 2], [3, 1], block_size=4, fused=True)
     assert positions.tolist() == [5, 6, 7, 2]
-    assert meta.decode.num_rows == 4
-    assert meta.decode.context_lens.tolist() == [6, 7, 8, 3]
-    assert meta.decode.block_tables.tolist() == [[3, 7], [3, 7], [3, 7], [5, 0]]
+    assert meta.paged.query_starts.tolist() == [0, 3, 4]
+    assert meta.paged.context_lens.tolist() == [8, 3]
+    assert meta.paged.block_tables.tolist() == [[3, 7], [5, 0]]
     assert meta.slot_mapping.tolist() == [7 * 4 + 1, 7 * 4 + 2, 7 * 4 + 3, 5 * 4 + 2]
-    with pytest.raises(ValueError, match="fused decode kernel"):
-        build_attention_metadata(tables, [5, 2], [3, 1], block_size=4, paged_decode=False, num_decodes=2)
+    with pytest.raises(ValueError, match="must precede"):  # the rectangles cannot read a draft
+        build_attention_metadata(tables, [5, 2], [3, 1], block_size=4, fused=False)
 
 
 @pytest.mark.parametrize("stop", [[], ["bird", "Output"]])
