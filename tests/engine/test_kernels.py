@@ -76,6 +76,30 @@ def test_silu_and_mul(dtype, width):
 @needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 48])  # the vectorised path and the generic one
+def test_rotary_and_store(dtype, head_dim):
+    torch.manual_seed(0)
+    heads, kv_heads, tokens = 9, 3, 6
+    rope = RotaryEmbedding(head_dim, 4096, RopeConfig(theta=100000.0))(torch.tensor([0, 1, 7, 100, 2047, 4095]), dtype)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    eager = qkv.view(tokens, -1, head_dim).clone()
+    rotated = apply_rotary(eager[:, : heads + kv_heads], *rope.per_token())
+    k_cache = torch.zeros(8, 4, kv_heads, head_dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([31, 0, 5, 6, 17, 12])
+
+    ops.rotary_and_store(qkv, rope.positions, rope.cos_table, rope.sin_table, heads, kv_heads, k_cache, v_cache, slots)
+
+    got = qkv.view(tokens, -1, head_dim)
+    assert_same(got[:, : heads + kv_heads], rotated)
+    assert torch.equal(got[:, heads + kv_heads :], eager[:, heads + kv_heads :])  # v untouched
+    assert torch.equal(k_cache.view(-1, kv_heads, head_dim)[slots], got[:, heads : heads + kv_heads])
+    assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[slots], eager[:, heads + kv_heads :])
+    assert int((k_cache != 0).any(-1).any(-1).sum()) == tokens  # nothing else written
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 48])  # the vectorised path and the generic one
 @pytest.mark.parametrize("heads", [6, 14])  # 3 and 7 query heads per kv head (SmolLM2, Qwen2.5)
 def test_paged_attention(dtype, head_dim, heads):
     """Decodes, a draft, prompt chunks and whole prompts in one call: every row equals causal
