@@ -3,7 +3,8 @@
     python benchmarks/offline.py --model smollm2-135m-instruct --batch-sizes 1,16,64
 
 Every prompt generates exactly --max-tokens tokens (eos ignored on both sides) so both
-systems do the same work. Besides tokens/s it reports two measures of waste in Kestrel:
+systems do the same work. Prefix caching is off: each batch size reuses the prompts of the one
+before, which would otherwise come from the cache (benchmarks/multiturn.py measures it). Besides tokens/s it reports two measures of waste in Kestrel:
 the share of allocated KV slots holding no token, and the share of padding in the
 rectangular batches attention reads.
 """
@@ -21,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import LLMEngine, SamplingParams  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
+from engine.config import CacheConfig, EngineConfig  # noqa: E402
 
 PROMPTS = Path(__file__).with_name("prompts_v1.json")
 
@@ -80,7 +81,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype))
+    engine = LLMEngine(
+        EngineConfig(model=args.model, dtype=args.dtype, cache=CacheConfig(enable_prefix_caching=False))
+    )
     reference = None
     if not args.skip_transformers:
         import transformers

@@ -133,6 +133,9 @@ class CacheConfig:
     # KV pool size: bytes if set, else this fraction of the memory available at start-up.
     memory_bytes: int | None = 2 * 2**30
     memory_fraction: float = 0.25
+    # Reuse the cached keys and values of full blocks a new prompt shares with an earlier one
+    # (a system prompt, the earlier turns of a chat).
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"KV cache memory {memory} bytes holds no block of {block_size} tokens")
         self.kv_caches = allocate_kv_cache(self.model_config, num_blocks, block_size, dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device)
         if not self.runner.fused_attention:  # only the fused kernel reads draft rows
@@ -184,8 +184,13 @@ class LLMEngine:
         logits, sampled = self.runner.execute(scheduled)
         for entry in scheduled:
             entry.seq.num_computed_tokens += entry.num_new_tokens
-        if not sampled:
-            return []
+        changed = self._sample(logits, sampled, scheduled) if sampled else []
+        for entry in scheduled:  # blocks filled in this step join the prefix cache
+            seq = entry.seq
+            self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+        return changed
+
+    def _sample(self, logits, sampled, scheduled) -> list[Sequence]:
         verified = []
         if any(scheduled[i].draft for i in sampled):
             logits, sampled, verified = self._split_draft_rows(logits, sampled, scheduled)
@@ -294,7 +299,10 @@ class LLMEngine:
             finished = request.is_finished
             if finished:
                 del self.requests[request_id]
-            outputs.append(RequestOutput(request_id, request.prompt_token_ids, deltas, finished))
+            outputs.append(
+                RequestOutput(request_id, request.prompt_token_ids, deltas, finished,
+                              num_cached_tokens=request.num_cached_tokens or 0)
+            )
         return outputs
 
     def _delta(self, seq: Sequence) -> CompletionOutput:
@@ -340,5 +348,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_draft_tokens=self.num_draft_tokens,
             num_accepted_draft_tokens=self.num_accepted_draft_tokens,
+            num_prefix_queried_tokens=self.scheduler.num_prefix_queried_tokens,
+            num_prefix_hit_tokens=self.scheduler.num_prefix_hit_tokens,
         )
 

@@ -34,6 +34,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False  # every sequence of the request has finished
     error: str | None = None  # set when the engine failed the request
+    num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass(slots=True)
@@ -47,3 +48,5 @@ class EngineStats:
     num_preemptions: int
     num_draft_tokens: int = 0  # speculative decoding: tokens guessed since start
     num_accepted_draft_tokens: int = 0  # of which the model confirmed
+    num_prefix_queried_tokens: int = 0  # prefix caching: tokens of admitted sequences looked up
+    num_prefix_hit_tokens: int = 0  # of which found cached

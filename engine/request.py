@@ -96,6 +96,7 @@ class Request:
     params: SamplingParams
     arrival_time: float
     sequences: list[Sequence] = field(default_factory=list)
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at admission
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -46,6 +46,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Prefix caching: tokens of admitted sequences looked up, and of them found cached.
+        self.num_prefix_queried_tokens = 0
+        self.num_prefix_hit_tokens = 0
         # Blocks kept free when admitting, so admission does not force an immediate preemption.
         self.watermark_blocks = max(1, block_manager.num_blocks // 100)
 
@@ -104,16 +107,26 @@ class Scheduler:
             i += 1
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            num_tokens = seq.num_computed_tokens + num_new
+            seq = self.waiting[0]  # holds no blocks yet
+            cached = bm.match_prefix(seq.token_ids)
+            num_cached = len(cached) * bm.block_size
+            num_new = min(len(seq.token_ids) - num_cached, budget)
+            num_tokens = num_cached + num_new
             reserve = self.watermark_blocks if self.running else 0
-            if bm.num_missing_blocks(seq.seq_id, num_tokens) + reserve > bm.num_free_blocks:
+            # Adopting a cached block that no table holds takes it out of the free pool too.
+            needed = bm.blocks_for(num_tokens) - len(cached) + bm.num_evictable(cached)
+            if needed + reserve > bm.num_free_blocks:
                 break
             self.waiting.popleft()
             seq.status = RequestStatus.RUNNING
             self.running.append(seq)
+            bm.adopt(seq.seq_id, cached)
             bm.allocate(seq.seq_id, num_tokens)
+            seq.num_computed_tokens = num_cached
+            self.num_prefix_queried_tokens += len(seq.token_ids)
+            self.num_prefix_hit_tokens += num_cached
+            if seq.request.num_cached_tokens is None:
+                seq.request.num_cached_tokens = min(num_cached, seq.request.num_prompt_tokens)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
 

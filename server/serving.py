@@ -663,6 +663,7 @@ class _Call:
         self.prompt_param = prompt_param
         self.choices = [_Choice() for _ in range(len(prompts) * params.n)]
         self.num_prompt_tokens = sum(len(p) for p in prompts)
+        self.num_cached_tokens = [0] * len(prompts)  # per prompt, from the prefix cache
         self.timing = _Timing(serving.metrics, state.get("start_time") or time.perf_counter())
         self.group: RequestGroup | None = None
         self._recorded = False
@@ -673,12 +674,13 @@ class _Call:
         self.group = RequestGroup(self.serving.engine, self.prompts, self.params, self.api_id)
         return self.group
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         completion = sum(c.num_tokens for c in self.choices)
         return {
             "prompt_tokens": self.num_prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.num_prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(self.num_cached_tokens)},
         }
 
     async def deltas(self) -> AsyncIterator[tuple[int, _Delta]]:
@@ -691,6 +693,7 @@ class _Call:
                     raise APIError(500, f"the engine failed the request: {output.error}",
                                    type="server_error", code="engine_error")  # fmt: skip
                 self._has_output = True
+                self.num_cached_tokens[prompt_index] = output.num_cached_tokens
                 self.timing.output(any(o.token_ids for o in output.outputs))
                 for out in output.outputs:
                     index = prompt_index * n + out.index

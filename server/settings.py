@@ -206,6 +206,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("model", "num_threads", _opt_int, None, "torch intra-op threads; unset: torch's default"),
     Knob("cache", "block_size", _at_least(_parse_int, 1), 16, "tokens per KV cache block"),
     Knob("cache", "kv_cache_memory", parse_memory, 2 * 2**30, "KV pool: a size (\"2GiB\") or a fraction of available memory"),
+    Knob("cache", "enable_prefix_caching", _parse_bool, True, "reuse the cached KV blocks a prompt shares with earlier ones"),
     Knob("scheduler", "max_num_seqs", _at_least(_parse_int, 1), 64, "sequences decoding together in one step"),
     Knob("scheduler", "max_num_batched_tokens", _at_least(_parse_int, 1), 2048, "tokens (prefill chunks + decodes) in one step"),
     Knob("scheduler", "max_waiting", _at_least(_parse_int, 0), 256, "queued requests beyond which new ones get 429"),
@@ -350,6 +351,7 @@ def build_configs(values: Mapping[str, Any]) -> tuple[EngineConfig, ServerConfig
         block_size=values["block_size"],
         memory_bytes=memory if isinstance(memory, int) else None,
         memory_fraction=memory if isinstance(memory, float) else CacheConfig.memory_fraction,
+        enable_prefix_caching=values["enable_prefix_caching"],
     )
     scheduler = SchedulerConfig(
         max_num_seqs=values["max_num_seqs"],

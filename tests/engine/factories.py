@@ -49,8 +49,8 @@ def make_seq(
     return seq
 
 
-def make_block_manager(num_blocks: int = 8, block_size: int = 4) -> BlockManager:
-    return BlockManager(num_blocks, block_size)
+def make_block_manager(num_blocks: int = 8, block_size: int = 4, prefix_caching: bool = False) -> BlockManager:
+    return BlockManager(num_blocks, block_size, prefix_caching)
 
 
 def make_scheduler(
@@ -58,9 +58,11 @@ def make_scheduler(
     block_size: int = 4,
     max_num_seqs: int | None = None,
     max_num_batched_tokens: int = 2048,
+    prefix_caching: bool = False,
 ) -> Scheduler:
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs or min(64, max_num_batched_tokens),
         max_num_batched_tokens=max_num_batched_tokens,
     )
-    return Scheduler(config, make_block_manager(num_blocks, block_size), max_model_len=1 << 20)
+    bm = make_block_manager(num_blocks, block_size, prefix_caching)
+    return Scheduler(config, bm, max_model_len=1 << 20)

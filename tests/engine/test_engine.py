@@ -225,10 +225,33 @@ def test_stop_strings_are_trimmed_and_never_streamed(real_setup, where):
 
 
 def test_bf16_greedy_tokens_do_not_depend_on_the_batch(default_model_dir):
-    """Decode rectangles are right-padded to a multiple of 16, so each row is computed as alone."""
+    """Every row is computed as if alone (attention row by row, linears whose rows do not mix),
+    so the tokens are the same whatever else runs, and whether a prompt's first blocks come
+    from the prefix cache (here the chat template's system prompt, after the first request)."""
     llm = LLM(str(default_model_dir))  # bfloat16, the default
     prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     alone = generate_each(llm, prompts, params)
+    assert llm.engine.scheduler.num_prefix_hit_tokens > 0
     assert generate_all(llm, prompts, params) == alone
     assert run_staggered(llm.engine, prompts, params) == alone
+    uncached = LLM(str(default_model_dir), cache=CacheConfig(enable_prefix_caching=False))
+    assert generate_all(uncached, prompts, params) == alone
+    assert uncached.engine.scheduler.num_prefix_hit_tokens == 0
+
+
+def test_a_later_chat_turn_reuses_the_earlier_turns_from_the_prefix_cache(real_setup):
+    llm, _, _ = real_setup
+    chat = [{"role": "user", "content": CHATS[4]}]
+    first = llm.chat([chat], GREEDY)[0]
+    chat += [{"role": "assistant", "content": first.completions[0].text}, {"role": "user", "content": "Shorter, please."}]
+    prompt = llm.tokenizer.encode_chat(chat)
+    assert prompt[: len(first.prompt_token_ids)] == first.prompt_token_ids
+    llm.engine.add_request("turn-2", prompt, GREEDY)
+    outputs = []
+    while llm.engine.has_unfinished_requests():
+        outputs += llm.engine.step()
+    # The first turn's prompt, all of its whole blocks, came from the cache.
+    assert outputs[-1].num_cached_tokens >= len(first.prompt_token_ids) // 16 * 16
+    tokens = [t for o in outputs for t in o.outputs[0].token_ids]
+    assert tokens == hf_greedy(llm.engine.model_dir, [prompt], MAX_TOKENS)[0]

@@ -258,3 +258,60 @@ def test_no_block_leaked_after_requests_finish_or_are_removed():
     assert [seq.num_generated_tokens for seq in (a, b, d)] == [6, 6, 6]
     assert s.num_unfinished == 0
     assert_no_leak(s)
+
+
+def cached_step(scheduler: Scheduler) -> SchedulerOutput:
+    """`step`, registering full computed blocks in the prefix cache as the engine does."""
+    out = scheduler.schedule()
+    for entry in out.scheduled:
+        seq = entry.seq
+        computed = seq.num_computed_tokens + entry.num_new_tokens
+        scheduler.block_manager.cache_blocks(seq.seq_id, seq.token_ids, computed)
+    advance(scheduler, out)
+    return out
+
+
+def run_to_the_end(scheduler: Scheduler, seq: Sequence) -> None:
+    scheduler.add(seq)
+    while scheduler.num_unfinished:
+        cached_step(scheduler)
+
+
+def test_a_prompt_sharing_cached_blocks_starts_after_them():
+    s = make_scheduler(num_blocks=8, block_size=4, prefix_caching=True)
+    first = make_seq(range(1, 11), max_tokens=1)  # 10 tokens: blocks of 4, 4, 2
+    run_to_the_end(s, first)
+    second = make_seq(list(range(1, 11)) + [50, 51], max_tokens=1)
+    s.add(second)
+    out = s.schedule()
+    # Tokens 0-7 come from the cache: only the 4 after them are computed, on a fresh block.
+    assert entries(out) == [(second, 4)]
+    assert second.num_computed_tokens == 8 and second.request.num_cached_tokens == 8
+    assert s.block_manager.block_tables[second.seq_id][:2] == s.block_manager.match_prefix(first.token_ids)
+    assert (s.num_prefix_queried_tokens, s.num_prefix_hit_tokens) == (10 + 12, 8)
+
+
+def test_admission_counts_cached_free_blocks_it_takes():
+    """Adopting cached blocks nobody holds uses up free blocks too: with 2 cached blocks and 2
+    never-used ones free, a prompt sharing both cached blocks fits in 3 blocks, not in 5."""
+    s = make_scheduler(num_blocks=4, block_size=4, prefix_caching=True)
+    run_to_the_end(s, make_seq(range(1, 10), max_tokens=1))
+    assert s.block_manager.num_free_blocks == 4 and len(s.block_manager.evictable) == 2
+    big = make_seq(list(range(1, 9)) + list(range(20, 29)), max_tokens=1)  # 17 tokens: 5 blocks
+    s.add(big)
+    assert s.schedule().scheduled == []
+    s.remove(big)
+    fits = make_seq(list(range(1, 9)) + [20, 21, 22], max_tokens=1)  # 11 tokens: 3 blocks
+    s.add(fits)
+    assert entries(s.schedule()) == [(fits, 3)]
+    assert s.block_manager.num_free_blocks == 1
+
+
+def test_a_preempted_sequence_resumes_from_its_cached_blocks():
+    s = make_scheduler(num_blocks=4, block_size=4, prefix_caching=True)
+    seq = make_seq(range(1, 10), max_tokens=20)
+    s.add(seq)
+    cached_step(s)  # 9 prompt tokens computed, one sampled
+    s._preempt(seq)
+    out = cached_step(s)
+    assert entries(out) == [(seq, 2)]  # the 8 tokens of its two full blocks were kept

@@ -121,7 +121,11 @@ def test_chat_streaming_equals_non_streaming_via_sdk(client: OpenAI) -> None:
     assert chunks[0].choices[0].delta.role == "assistant"
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert [c.choices[0].finish_reason for c in finals] == [full.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    assert chunks[-1].choices == []
+    usage = chunks[-1].usage
+    assert usage.model_dump(exclude={"prompt_tokens_details"}) == full.usage.model_dump(exclude={"prompt_tokens_details"})
+    # The same prompt again: every whole block but one holding its last token is a cache hit.
+    assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 16 * 16 > 0
     assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
 
 
@@ -320,7 +324,7 @@ def test_completions_streaming_multi_prompt(client: OpenAI) -> None:
                 finishes[c.index] = c.finish_reason
     assert [texts[i] for i in range(4)] == [c.text for c in full.choices]
     assert finishes == {c.index: c.finish_reason for c in full.choices}
-    assert usage.model_dump() == full.usage.model_dump()
+    assert usage.model_dump(exclude={"prompt_tokens_details"}) == full.usage.model_dump(exclude={"prompt_tokens_details"})
 
 
 def test_completions_echo_and_logprobs(client: OpenAI, http: httpx.Client) -> None:
@@ -412,7 +416,8 @@ def test_metrics(http: httpx.Client, client: OpenAI) -> None:
     for name in ("kestrel_time_to_first_token_seconds_count", "kestrel_inter_token_latency_seconds_count",
                  "kestrel_e2e_request_latency_seconds_count", "kestrel_prompt_tokens_total",
                  "kestrel_generation_tokens_total", "kestrel_spec_decode_draft_tokens_total",
-                 "kestrel_spec_decode_accepted_tokens_total"):  # fmt: skip
+                 "kestrel_spec_decode_accepted_tokens_total", "kestrel_prefix_cache_queries_total",
+                 "kestrel_prefix_cache_hits_total"):  # fmt: skip
         assert float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1)) > 0, name
     for name in ("kestrel_num_requests_running", "kestrel_num_requests_waiting", "kestrel_kv_cache_blocks_used",
                  "kestrel_kv_cache_blocks_total", "kestrel_num_preemptions_total"):  # fmt: skip
