@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine import kernels
 from engine.config import ConfigError, ModelConfig
 from engine.loader import LoadError, load_model
 from tests.conftest import write_tiny_checkpoint
@@ -172,3 +173,23 @@ def test_real_default_model_bf16_logits_stay_close_to_transformers(default_model
     their_gap = (reference(torch.bfloat16) - exact).abs().max()
     our_gap = (ours(torch.bfloat16) - exact).abs().max()
     assert our_gap < 1.5 * their_gap, (our_gap, their_gap)
+
+
+@pytest.mark.skipif(not hasattr(kernels.ops(), "decoder_layers"), reason="no FMA kernels on this CPU")
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: biases on q/k/v
+def test_fused_decoder_stack_equals_the_modules_to_the_bit(tmp_path, model_type):
+    """bf16 on a CPU with the FMA linear: all decoder layers run in one kernel call, computing
+    exactly what the Python modules compute when they call the same kernels one by one."""
+    model = load_model(write_tiny_checkpoint(tmp_path / model_type, model_type), dtype=torch.bfloat16)
+    assert model.model.fused_stack() is not None
+    fused = (prefill_logits(model, PROMPTS), greedy_generate(model, PROMPTS, 8))
+    model.model._fused_stack = None  # the module path from here on
+    assert model.model.fused_stack() is None
+    modules = (prefill_logits(model, PROMPTS), greedy_generate(model, PROMPTS, 8))
+    assert all(torch.equal(a, b) for a, b in zip(fused[0], modules[0], strict=True))
+    assert fused[1] == modules[1]
+
+
+def test_fused_decoder_stack_declines_other_biases(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "m", "llama", attention_bias=True)  # o_proj has a bias too
+    assert load_model(path, dtype=torch.bfloat16).model.fused_stack() is None
