@@ -694,18 +694,21 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   // it when there are too few items to keep every thread busy. A tile's scores stay within
   // about 256 KB (L2).
   struct Item {
-    int64_t seq, first_row, num_rows;
+    int64_t seq, first_row, num_rows, len;  // len: the context of its last row
   };
   std::vector<Item> items;
   for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t rows = starts[s + 1] - starts[s];
+    const int64_t rows = starts[s + 1] - starts[s], earlier = lens[s] - rows;
     const int64_t tile = std::clamp<int64_t>(64 * 1024 / (num_heads * lens[s]), 1, 16);
-    for (int64_t r = 0; r < rows; r += tile) items.push_back({s, r, std::min(tile, rows - r)});
+    for (int64_t r = 0; r < rows; r += tile) {
+      const int64_t n = std::min(tile, rows - r);
+      items.push_back({s, r, n, earlier + r + n});
+    }
   }
-  // Longest contexts first: with items handed out one at a time, no thread is left with a long
-  // one at the end.
-  auto cost = [&](const Item& it) { return (lens[it.seq] - (starts[it.seq + 1] - starts[it.seq]) + it.first_row + it.num_rows) * it.num_rows; };
-  std::stable_sort(items.begin(), items.end(), [&](const Item& a, const Item& b) { return cost(a) > cost(b); });
+  // Costliest first: with items handed out one at a time, no thread is left with a long one at
+  // the end.
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.len * a.num_rows > b.len * b.num_rows; });
   const int64_t split = static_cast<int64_t>(items.size()) < at::get_num_threads() ? num_kv_heads : 1;
   const int64_t heads_per_item = num_kv_heads / split;
   const int64_t num_items = static_cast<int64_t>(items.size()) * split;
@@ -717,9 +720,8 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
     for (int64_t index = 0; index < num_items; ++index) {
       const Item& item = items[index / split];
       const int64_t s = item.seq, kv_first = (index % split) * heads_per_item;
-      const int64_t num_new = starts[s + 1] - starts[s];
       // Row t of the tile has a context of base_len + t + 1 tokens; the tile reads len of them.
-      const int64_t base_len = lens[s] - num_new + item.first_row, len = base_len + item.num_rows;
+      const int64_t len = item.len, base_len = len - item.num_rows;
       const int64_t heads = heads_per_item * group;  // query heads per row
       const int64_t rows = item.num_rows * heads;  // (row, query head) pairs
       const T* q_first = qp + (starts[s] + item.first_row) * q_row_stride + kv_first * group * q_head_stride;

@@ -311,15 +311,14 @@ def paged_attention(
     q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
     Returns [num_tokens, num_heads, head_dim].
     """
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
     k_cache, v_cache = kv_cache
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, num_kv_heads, head_dim]
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-
     if meta.paged is not None:
         p = meta.paged
         return kernels.ops().paged_attention(q, k_cache, v_cache, p.block_tables, p.query_starts, p.context_lens, scale)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, num_kv_heads, head_dim]
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     outputs = []
     for group in meta.groups:
         if group.kv_slots is None:
