@@ -160,7 +160,10 @@ class LLMEngine:
                 seq.finish(FinishReason.ABORT)
                 outputs.append(self._delta(seq))
             self.scheduler.remove(seq)
-        return RequestOutput(request_id, request.prompt_token_ids, outputs, finished=True)
+        return RequestOutput(
+            request_id, request.prompt_token_ids, outputs, finished=True,
+            num_cached_tokens=request.num_cached_tokens or 0,
+        )
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -48,5 +48,5 @@ class EngineStats:
     num_preemptions: int
     num_draft_tokens: int = 0  # speculative decoding: tokens guessed since start
     num_accepted_draft_tokens: int = 0  # of which the model confirmed
-    num_prefix_queried_tokens: int = 0  # prefix caching: tokens of admitted sequences looked up
+    num_prefix_queried_tokens: int = 0  # prefix caching: tokens of sequences looked up at admission
     num_prefix_hit_tokens: int = 0  # of which found cached

@@ -1010,7 +1010,7 @@ at::Tensor fma_linear(const at::Tensor& x, const at::Tensor& w_panels, const c10
   // alternating runs, 64 rows 112 -> 93 ms).
   for (int64_t block = 0; block < M; block += block_rows) {
     const int64_t rows = std::min(M, block + block_rows) - block, tiles = (rows + 5) / 6;
-    const int64_t step = (32 + tiles - 1) / tiles;  // a panel has 32 bytes per k
+    const int64_t step = 32 / tiles;  // a panel has 32 bytes per k: the tiles stay within the next one
     #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
     for (int64_t p = 0; p < panels; ++p) {
       const uint16_t* w = wp + p * K * 16;
@@ -1041,7 +1041,8 @@ at::Tensor fma_linear(const at::Tensor& x, const at::Tensor& w_panels, const c10
 // same kernels in the order the Python modules call them (engine/models/llama.py), so the
 // result is the same to the bit, without a trip through Python and the dispatcher between
 // them (about 300 per step; at one sequence they took a fifth of the step). Returns the final
-// norm of the last layer's output plus the residual stream.
+// norm of the last layer's output plus the residual stream; `hidden` (the embeddings) becomes
+// that residual stream, added to in place, as in the modules.
 at::Tensor decoder_layers(const at::Tensor& hidden_in, const at::TensorList input_norms,
                           const at::TensorList post_norms, const at::TensorList qkv_weights,
                           const c10::List<c10::optional<at::Tensor>>& qkv_biases, const at::TensorList o_weights,
@@ -1214,7 +1215,7 @@ TORCH_LIBRARY(kestrel, m) {
         "Tensor query_starts, Tensor context_lens, float scale) -> Tensor");
 #ifdef KESTREL_AVX2
   m.def("fma_linear(Tensor x, Tensor w_panels, Tensor? bias) -> Tensor");
-  m.def("decoder_layers(Tensor hidden, Tensor[] input_norms, Tensor[] post_norms, Tensor[] qkv_weights, "
+  m.def("decoder_layers(Tensor(c!) hidden, Tensor[] input_norms, Tensor[] post_norms, Tensor[] qkv_weights, "
         "Tensor?[] qkv_biases, Tensor[] o_weights, Tensor[] gate_up_weights, Tensor[] down_weights, "
         "Tensor final_norm, float eps, int num_heads, int num_kv_heads, Tensor positions, Tensor cos, "
         "Tensor sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slot_mapping, Tensor block_tables, "
