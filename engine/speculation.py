@@ -43,14 +43,22 @@ def propose_draft(token_ids: list[int], max_tokens: int) -> list[int]:
     if max_tokens <= 0:
         return []
     end = len(token_ids)
+    # Searched in the reversed history with list.index (C speed): this runs every step, and a
+    # Python loop over a long context took ~0.2 ms per 2,000 tokens. At reversed index j a
+    # match covers token_ids[end - j - n : end - j]; the smallest j >= 1 is the latest one.
+    reversed_ids = token_ids[::-1]
     for n in range(MAX_MATCH, MIN_MATCH - 1, -1):
         if end <= n:
             continue
-        tail = token_ids[end - n :]
-        first = tail[0]
-        for start in range(end - n - 1, -1, -1):  # the latest occurrence first
-            if token_ids[start] == first and token_ids[start : start + n] == tail:
-                return token_ids[start + n : start + n + max_tokens]
+        reversed_tail = reversed_ids[:n]
+        j = 0
+        try:
+            while True:
+                j = reversed_ids.index(reversed_tail[0], j + 1)
+                if reversed_ids[j : j + n] == reversed_tail:
+                    return token_ids[end - j : end - j + max_tokens]
+        except ValueError:  # no (further) occurrence
+            continue
     return []
 
 

@@ -850,41 +850,56 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   }
 }
 
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& block_tables, const at::Tensor& query_starts,
-                           const at::Tensor& context_lens, double scale) {
-  check_cpu_contiguous_rows(q, "q");
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [num_rows, num_heads, head_dim], caches 4-d");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+// The step's sequences against a cache of `num_blocks` blocks: query rows, context lengths and
+// block ids in range. The same for every layer, so a stack of layers checks them once.
+void check_paged_batch(int64_t num_rows, int64_t num_blocks, int64_t block_size, const at::Tensor& block_tables,
+                       const at::Tensor& query_starts, const at::Tensor& context_lens) {
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && query_starts.scalar_type() == at::kLong &&
               context_lens.scalar_type() == at::kLong && block_tables.is_contiguous() &&
               query_starts.is_contiguous() && context_lens.is_contiguous(),
               "block_tables, query_starts and context_lens must be contiguous int64");
-  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && q.size(2) == k_cache.size(3), "head shapes do not match");
   const int64_t num_seqs = block_tables.size(0);
   TORCH_CHECK(query_starts.numel() == num_seqs + 1 && context_lens.numel() == num_seqs,
               "one table and length per sequence, and one more query start");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes() &&
-              v_cache.scalar_type() == k_cache.scalar_type(), "q and both caches must share a dtype and shape");
   const int64_t* starts = query_starts.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t max_blocks = block_tables.size(1), block_size = k_cache.size(1);
-  TORCH_CHECK(starts[0] == 0 && starts[num_seqs] == q.size(0), "query starts must run from 0 to the number of rows");
+  const int64_t max_blocks = block_tables.size(1);
+  TORCH_CHECK(starts[0] == 0 && starts[num_seqs] == num_rows, "query starts must run from 0 to the number of rows");
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t rows = starts[s + 1] - starts[s];
     TORCH_CHECK(rows >= 1 && rows <= lens[s], "sequence ", s, " has ", rows, " query rows and a context of ", lens[s]);
     TORCH_CHECK(lens[s] <= max_blocks * block_size, "context length ", lens[s], " does not fit its block table");
     for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b) {
-      TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < k_cache.size(0), "block id outside the cache");
+      TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks, "block id outside the cache");
     }
   }
+}
+
+// paged_attention for a batch that check_paged_batch has passed for caches shaped like these.
+at::Tensor attend_paged(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& block_tables, const at::Tensor& query_starts,
+                        const at::Tensor& context_lens, double scale) {
+  check_cpu_contiguous_rows(q, "q");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [num_rows, num_heads, head_dim], caches 4-d");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && q.size(2) == k_cache.size(3), "head shapes do not match");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes() &&
+              v_cache.scalar_type() == k_cache.scalar_type(), "q and both caches must share a dtype and shape");
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   dispatch(q.scalar_type(), "paged_attention", [&](auto raw) {
     using scalar_t = decltype(raw);
     paged_attention_impl<scalar_t>(q, k_cache, v_cache, block_tables, query_starts, context_lens, scale, out);
   });
   return out;
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& query_starts,
+                           const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(k_cache.dim() == 4, "caches must be 4-d");
+  check_paged_batch(q.size(0), k_cache.size(0), k_cache.size(1), block_tables, query_starts, context_lens);
+  return attend_paged(q, k_cache, v_cache, block_tables, query_starts, context_lens, scale);
 }
 
 #ifdef KESTREL_AVX2
@@ -1059,6 +1074,10 @@ at::Tensor decoder_layers(const at::Tensor& hidden_in, const at::TensorList inpu
               k_caches.size() == input_norms.size() && v_caches.size() == input_norms.size(),
               "decoder_layers: one of each weight and cache per layer");
   const int64_t tokens = hidden_in.size(0), head_dim = k_caches[0].size(3);
+  for (int64_t l = 0; l < layers; ++l) {
+    TORCH_CHECK(k_caches[l].sizes() == k_caches[0].sizes(), "decoder_layers: every layer's cache shaped alike");
+  }
+  check_paged_batch(tokens, k_caches[0].size(0), k_caches[0].size(1), block_tables, query_starts, context_lens);
   const c10::optional<at::Tensor> none;
   at::Tensor residual = hidden_in;  // updated in place by each norm that adds it
   at::Tensor hidden = rms_norm(hidden_in, none, input_norms[0], eps);
@@ -1068,7 +1087,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden_in, const at::TensorList inpu
     at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
     rotary_and_store(qkv, positions, cos, sin, num_heads, num_kv_heads, k_cache, v_cache, slot_mapping);
     const at::Tensor q = qkv.view({tokens, -1, head_dim}).narrow(1, 0, num_heads);
-    const at::Tensor attended = paged_attention(q, k_cache, v_cache, block_tables, query_starts, context_lens, scale);
+    const at::Tensor attended = attend_paged(q, k_cache, v_cache, block_tables, query_starts, context_lens, scale);
     hidden = fma_linear(attended.view({tokens, num_heads * head_dim}), o_weights[l], none);
     hidden = rms_norm(hidden, residual, post_norms[l], eps);
     hidden = fma_linear(silu_and_mul(fma_linear(hidden, gate_up_weights[l], none)), down_weights[l], none);
