@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from .logs import EscapeFilter
 from .settings import SettingsError, build_configs, format_config, resolve_values
 
 logger = logging.getLogger("kestrel.server")
@@ -23,10 +24,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"kestrel: {exc}", file=sys.stderr)
         return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(EscapeFilter())  # every record, ours and uvicorn's: one line each
     logging.basicConfig(
         level=server_config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
     print("kestrel: effective configuration\n" + format_config(values), file=sys.stderr, flush=True)
 

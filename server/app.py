@@ -33,6 +33,7 @@ from engine import (
 )
 
 from .errors import APIError, from_exception
+from .logs import format_fields
 from .metrics import Metrics
 from .protocol import format_param
 from .routes import REQUEST_MODELS, VERSION, router
@@ -43,7 +44,7 @@ logger = logging.getLogger("kestrel.server")
 access_logger = logging.getLogger("kestrel.access")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # a client X-Request-Id we echo and log
 _UNAUTHENTICATED_PATHS = frozenset({"/health"})
 
 
@@ -57,8 +58,9 @@ def error_response(error: APIError) -> Response:
 
 
 class RequestContextMiddleware:
-    """Per request: id (X-Request-Id honoured or generated, echoed back), API key check, one
-    structured log line and the request counter. Turns any escaped exception into a JSON 500."""
+    """Per request: id (a safe X-Request-Id honoured, else generated; echoed back), API key check,
+    one `key=value` access line (escaped, see logs.format_fields) and the request counter. Turns
+    any escaped exception into a JSON 500."""
 
     def __init__(self, app: ASGIApp, config: ServerConfig, metrics: Metrics) -> None:
         self.app = app
@@ -73,7 +75,7 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["start_time"] = start
@@ -126,17 +128,18 @@ class RequestContextMiddleware:
         endpoint = getattr(route, "path", None) or "unmatched"
         self.metrics.requests.labels(endpoint, str(status)).inc()
         if self.config.access_log:
-            fields = [
-                f"request_id={request_id}",
-                f"method={scope['method']}",
-                f"path={scope['path'][:200]}",
-                f"status={status}",
-            ]
+            # NOTE: the percent-decoded path, as routed; format_fields escapes what it decodes to.
+            fields: dict[str, object] = {
+                "request_id": request_id,
+                "method": scope["method"],
+                "path": scope["path"][:200],
+                "status": status,
+            }
             if "prompt_tokens" in state:
-                fields.append(f"prompt_tokens={state['prompt_tokens']}")
-                fields.append(f"completion_tokens={state.get('completion_tokens', 0)}")
-            fields.append(f"latency_ms={(time.perf_counter() - start) * 1000:.1f}")
-            access_logger.info(" ".join(fields))
+                fields["prompt_tokens"] = state["prompt_tokens"]
+                fields["completion_tokens"] = state.get("completion_tokens", 0)
+            fields["latency_ms"] = f"{(time.perf_counter() - start) * 1000:.1f}"
+            access_logger.info(format_fields(fields))
 
 
 def _install_error_handlers(app: FastAPI, config: ServerConfig) -> None:
