@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,10 +25,16 @@ _REPLACEMENT_CHAR = "\ufffd"
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # transformers copies a message's reasoning under all of these names before rendering.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+# Where placeholders for special-token strings in client text are drawn from (Unicode private use).
+_PRIVATE_USE = ((0xE000, 0xF8FF), (0xF0000, 0xFFFFD), (0x100000, 0x10FFFD))
 
 
 class ChatTemplateError(ValueError):
     """The chat template is missing, does not compile, or rejected the conversation."""
+
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param  # the request field to blame
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +132,83 @@ def _alias_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:
+    """The rendered conversation up to the end of the final message's content (no end-of-turn)."""
+    final = str(messages[-1].get("content") or "") if messages else ""
+    position = text.rfind(final.rstrip()) if final.strip() else -1
+    if position < 0:
+        raise ChatTemplateError(
+            "continue_final_message: the final message's content was not found in the rendered prompt",
+            param="continue_final_message",
+        )
+    return text[: position + len(final.rstrip())]
+
+
+# ---------------------------------------------------------------------------------------------
+# Client strings (everything a caller passes to the template)
+# ---------------------------------------------------------------------------------------------
+
+
+def _iter_strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON-like value, dict keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _iter_strings(key)
+            yield from _iter_strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _iter_strings(item)
+
+
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """A copy of a JSON-like value with every string, dict keys included, replaced by fn(string)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {_map_strings(key, fn): _map_strings(item, fn) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_strings(item, fn) for item in value)
+    return value
+
+
+def _unused_chars(num: int, used: set[str]) -> list[str]:
+    """`num` private-use characters not in `used`."""
+    candidates = (chr(c) for lo, hi in _PRIVATE_USE for c in range(lo, hi + 1))
+    chars = list(itertools.islice((c for c in candidates if c not in used), num))
+    if len(chars) < num:
+        raise ChatTemplateError("the messages use every private-use character")
+    return chars
+
+
+def _defuse(
+    client: Any, pattern: re.Pattern[str], found: set[str], template: str
+) -> tuple[Any, dict[int, str]]:
+    """`client` with each special-token string in `found` (all that `pattern` matches in it)
+    swapped for a private-use character used nowhere in its strings or in `template`, and the
+    `str.translate` table that swaps them back."""
+    used = {c for s in _iter_strings(client) for c in s}
+    used.update(template)
+    placeholders = dict(zip(sorted(found), _unused_chars(len(found), used), strict=True))
+    defused = _map_strings(client, lambda s: pattern.sub(lambda m: placeholders[m.group()], s))
+    return defused, {ord(p): token for token, p in placeholders.items()}
+
+
+def _special_regex(
+    tokens: list[tokenizers.AddedToken], *, with_stripped_space: bool
+) -> re.Pattern[str] | None:
+    """One group matching any of `tokens`, longest first as the tokenizers library matches them;
+    `with_stripped_space` also takes the whitespace that an lstrip / rstrip token absorbs."""
+    parts = []
+    for token in sorted(tokens, key=lambda t: len(t.content), reverse=True):
+        part = re.escape(token.content)
+        if with_stripped_space:
+            part = (r"\s*" if token.lstrip else "") + part + (r"\s*" if token.rstrip else "")
+        parts.append(part)
+    return re.compile(f"({'|'.join(parts)})") if parts else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading a Hugging Face model directory
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +282,8 @@ class Tokenizer:
     post-processor decides whether a BOS is added, as in transformers 5; only when it has none do
     tokenizer_config.json's add_bos_token/add_eos_token apply);
     `eos_token_ids` is non-repeating, generation_config.json's ids first; `skip_special_ids`
-    is exactly the set of ids that `decode(..., skip_special_tokens=True)` drops.
+    is exactly the set of ids that `decode(..., skip_special_tokens=True)` drops; in
+    `encode_chat` only the chat template's own markup becomes special tokens.
     """
 
     def __init__(
@@ -235,6 +322,9 @@ class Tokenizer:
         self.skip_special_ids: frozenset[int] = frozenset(
             i for i, tok in added.items() if tok.special
         )
+        specials = [tok for tok in added.values() if tok.special]
+        self._special_in_client = _special_regex(specials, with_stripped_space=False)
+        self._special_in_rendered = _special_regex(specials, with_stripped_space=True)
         named = [named_id(n) for n in _NAMED_SPECIAL_TOKENS]
         named += [backend.token_to_id(t) for t in extra_special_tokens]
         self.all_special_ids: set[int] = set(self.skip_special_ids) | {
@@ -335,20 +425,23 @@ class Tokenizer:
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
+        /,
         *,
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> str:
         """Render a conversation to prompt text, as transformers' apply_chat_template(tokenize=False).
 
-        Raises ChatTemplateError when there is no template, it does not compile, it calls
-        raise_exception(), or it fails on the given messages.
+        `continue_final_message` cuts the text after the final message's content, so the model
+        continues that message. Raises ChatTemplateError when there is no template, it does not
+        compile, it calls raise_exception(), or it fails on the given messages.
         """
         template = self._get_compiled(tools)
         variables: dict[str, Any] = {"documents": None, **self._special_tokens, **template_kwargs}
         try:
-            return template.render(
+            text = template.render(
                 variables,
                 messages=_alias_reasoning(messages),
                 tools=tools,
@@ -358,22 +451,84 @@ class Tokenizer:
             raise
         except (jinja2.TemplateError, TypeError) as exc:
             raise ChatTemplateError(f"chat template failed to render: {exc}") from exc
+        return _cut_after_final_message(text, messages) if continue_final_message else text
 
     def encode_chat(
         self,
         messages: list[dict[str, Any]],
+        /,
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
+        add_special_tokens: bool = False,
         **template_kwargs: Any,
     ) -> list[int]:
-        """Token ids of the rendered conversation; the template already placed special tokens."""
-        text = self.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs
+        """Token ids of the rendered conversation.
+
+        Only the template's own markup becomes special tokens: every string passed in (message
+        contents, names, tool calls, tool definitions, template kwargs; dict keys too) is encoded
+        as plain text even where it spells a special token such as `<|im_end|>`.
+        `add_special_tokens` adds what the tokenizer's post-processor adds (a BOS, say) on top.
+        """
+        render = functools.partial(
+            self.apply_chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
         )
-        return self.encode(text, add_special_tokens=False)
+        client = (messages, tools, template_kwargs)
+        pattern = self._special_in_client
+        found: set[str] = set()
+        if pattern is not None:
+            found = {m.group() for s in _iter_strings(client) for m in pattern.finditer(s)}
+        if not found:
+            # The common case: every special token in the rendered text is the template's.
+            text = render(messages, tools=tools, **template_kwargs)
+            return self.encode(text, add_special_tokens=add_special_tokens)
+
+        assert pattern is not None
+        template = self._chat_templates.get(self._template_name(tools)) or ""
+        (messages, tools, template_kwargs), restore = _defuse(client, pattern, found, template)
+        text = render(messages, tools=tools, **template_kwargs)
+        return self._encode_rendered(text, restore, add_special_tokens)
+
+    def _encode_rendered(
+        self, text: str, restore: dict[int, str], add_special_tokens: bool
+    ) -> list[int]:
+        """Ids of a conversation rendered from defused client strings: the special tokens in
+        `text` are the template's and become their ids; the text between them, with the client's
+        special-token strings put back (`str.translate(restore)`), is encoded as plain text."""
+        # NOTE: the library itself splits at special tokens before normalizing and
+        # pre-tokenizing, so text free of special strings gets the same ids as one encode of the
+        # whole (except after a special token under a Metaspace pre-tokenizer with
+        # prepend_scheme="first", which prepends to the run as to the start of a text).
+        assert self._special_in_rendered is not None
+        # split() with the pattern's one group: text, special, text, special, ..., text
+        pieces = self._special_in_rendered.split(text)
+        parts = [
+            self._backend.encode(piece, add_special_tokens=False)
+            if i % 2
+            else self._text_backend.encode(piece.translate(restore), add_special_tokens=False)
+            for i, piece in enumerate(pieces)
+            if piece
+        ]
+        encoding = tokenizers.Encoding.merge(parts, growing_offsets=True)
+        return self._backend.post_process(encoding, add_special_tokens=add_special_tokens).ids
+
+    @functools.cached_property
+    def _text_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that encodes special-token strings as plain text."""
+        # NOTE: a copy, not the flag toggled around a call: the flag is state of the instance,
+        # and encode runs on several threads at once.
+        backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+    def _template_name(self, tools: list[dict[str, Any]] | None) -> str:
+        return "tool_use" if tools is not None and "tool_use" in self._chat_templates else "default"
 
     def _get_compiled(self, tools: list[dict[str, Any]] | None) -> jinja2.Template:
-        name = "tool_use" if tools is not None and "tool_use" in self._chat_templates else "default"
+        name = self._template_name(tools)
         compiled = self._compiled.get(name)
         if compiled is not None:
             return compiled

@@ -78,7 +78,7 @@ def from_exception(exc: BaseException, *, retry_after: int = 1) -> APIError:
             return APIError(400, str(exc), param=exc.param, code=exc.code)
         case ChatTemplateError():
             return APIError(
-                400, f"chat template error: {exc}", param="messages", code="invalid_messages"
+                400, f"chat template error: {exc}", param=exc.param, code="invalid_messages"
             )
         case EngineOverloaded():
             return APIError(

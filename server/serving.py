@@ -53,7 +53,14 @@ ADMISSION_WAIT = 1.0
 INLINE_TOKENIZE_CHARS = 8192
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MIN_LOGPROB = -9999.0  # -inf is not JSON
-_TEMPLATE_RESERVED = ("messages", "tools", "add_generation_prompt", "documents")
+_TEMPLATE_RESERVED = (
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "documents",
+    "continue_final_message",
+    "add_special_tokens",
+)
 
 _engine_request_ids = itertools.count()
 _END = object()
@@ -312,7 +319,9 @@ class Serving:
 
     # -- tokenization -------------------------------------------------------------------------
 
-    async def _off_loop(self, size: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def _off_loop(
+        self, size: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> Any:
         if size <= INLINE_TOKENIZE_CHARS:
             return fn(*args, **kwargs)
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -330,19 +339,20 @@ class Serving:
             for k, v in (request.chat_template_kwargs or {}).items()
             if k not in _TEMPLATE_RESERVED
         }
-        size = sum(len(str(m.get("content") or "")) for m in messages)
-        text = await self._off_loop(
+        # Tools count too: they are rendered into the prompt text that is encoded.
+        size = sum(len(str(m.get("content") or "")) for m in messages) + len(str(tools or ""))
+        # encode_chat is the one path to a chat's token ids: only the template's markup becomes
+        # special tokens, client strings stay text.
+        return await self._off_loop(
             size,
-            self.tokenizer.apply_chat_template,
+            self.tokenizer.encode_chat,
             messages,
-            tools=tools,
-            add_generation_prompt=request.add_generation_prompt
-            and not request.continue_final_message,
+            tools,
+            request.add_generation_prompt and not request.continue_final_message,
+            continue_final_message=request.continue_final_message,
+            add_special_tokens=add_special_tokens,
             **kwargs,
         )
-        if request.continue_final_message:
-            text = _cut_after_final_message(text, messages)
-        return await self._off_loop(len(text), self.tokenizer.encode, text, add_special_tokens)
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = self.tokenizer.vocab_size
@@ -616,18 +626,6 @@ class Serving:
                     yield chunk(index, delta.text, delta.finish_reason, logprobs)
         if include_usage:
             yield _sse_safe(head + "]" + f',"usage":{dumps(call.usage())}}}')
-
-
-def _cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:
-    """The rendered conversation up to the end of the final message's content (no end-of-turn)."""
-    final = str(messages[-1].get("content") or "") if messages else ""
-    position = text.rfind(final.rstrip()) if final.strip() else -1
-    if position < 0:
-        raise bad_request(
-            "continue_final_message: the final message's content was not found in the rendered prompt",
-            param="continue_final_message",
-        )
-    return text[: position + len(final.rstrip())]
 
 
 @dataclass(slots=True)
