@@ -1,5 +1,5 @@
-"""Linear layers on CPU: oneDNN pre-packed weights where the CPU has AVX-512 (an AMX kernel for
-decode-sized steps), an AVX2 FMA kernel where it does not; and projections fused along the
+"""Linear layers on CPU: oneDNN pre-packed weights with an AMX kernel for decode-sized steps
+where the CPU has AMX, an AVX2 FMA kernel where it does not; and projections fused along the
 output dim."""
 
 from __future__ import annotations
@@ -11,18 +11,19 @@ from torch import nn
 from engine import kernels
 
 # Up to this many rows (decode steps, and decodes with prompts joining them) the AMX kernel
-# beats oneDNN's packed matmul, whose fixed cost per call dominates with few rows: for SmolLM2's
-# 120 layer linears 10.4 vs 11.9 ms at 16 rows, 13.4 vs 18.0 at 64, 25.3 vs 29.9 at 192, even at
-# 256; beyond, oneDNN's blocking wins (2,048 rows: 221 vs 171 ms). The AMX kernel gives every
-# row the same result whatever the row count; oneDNN does not always (SmolLM2's down_proj at
-# 197-254 rows, Qwen2.5-0.5B's from 37 rows sum in another order), so this bound also decides
-# which steps are batch-invariant to the bit.
+# beats oneDNN's packed matmul, whose fixed cost per call dominates with few rows. Measured on a
+# 2-core Sapphire Rapids, SmolLM2's 120 layer linears: 10.4 vs 11.9 ms at 16 rows, 13.4 vs 18.0
+# at 64, 25.3 vs 29.9 at 192, even at 256; beyond, oneDNN's blocking wins (2,048 rows: 221 vs
+# 171 ms). Other CPUs with AMX may move the crossover. The AMX kernel gives every row the same
+# result whatever the row count; oneDNN does not always (SmolLM2's down_proj at 197-254 rows,
+# Qwen2.5-0.5B's from 37 rows sum in another order), so this bound also decides which steps are
+# batch-invariant to the bit.
 AMX_MAX_ROWS = 256
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """oneDNN's pre-packed bf16 matmul: ~5x faster than F.linear for a few rows, on a CPU with
-    AVX-512 (oneDNN refuses bf16 weights without it)."""
+    """oneDNN's pre-packed bf16 matmul, on a CPU with AVX-512 (oneDNN refuses bf16 weights
+    without it): ~5x faster than F.linear for a few rows on the Sapphire Rapids it was measured on."""
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
@@ -36,19 +37,24 @@ class Linear(nn.Linear):
 
     packed_weight: torch.Tensor | None = None
     amx_weight: torch.Tensor | None = None  # the same weight in the AMX kernel's tile layout
-    fma_weight: torch.Tensor | None = None  # in the FMA kernel's panels, where there is no oneDNN bf16
+    fma_weight: torch.Tensor | None = None  # in the FMA kernel's panels, where there is no AMX
 
     def pack(self, with_amx: bool = True) -> None:
-        """Replace a bf16 weight on CPU by oneDNN's packed layout, and (`with_amx`) add a copy in
-        the AMX kernel's layout where it takes this shape; without AVX-512, by the FMA kernel's
-        panels (torch's own bf16 matmul is 5-10x slower there)."""
+        """Replace a bf16 weight on CPU by the layout of the kernel that will run it:
+        - with AMX, oneDNN's packed layout plus (`with_amx`) a copy in the AMX kernel's tiles
+          for steps of up to AMX_MAX_ROWS rows;
+        - elsewhere, the FMA kernel's panels: its rows never depend on each other, where
+          oneDNN's sums do (on an AVX-512 EPYC without AMX, greedy tokens changed with the
+          batch), and torch's own bf16 matmul was 5-10x slower on an AVX2-only EPYC;
+        - oneDNN's packed layout where neither kernel takes the weight."""
         if self.weight is None:
             return
         weight = self.weight.detach()
-        if can_pack(weight):
+        has_amx = kernels.amx_linear_fits(weight)
+        if can_pack(weight) and (has_amx or not kernels.fma_linear_fits(weight)):
             # The batch-size hint only tunes the layout; any number of rows works.
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-            if with_amx and kernels.amx_linear_fits(weight):
+            if with_amx and has_amx:
                 self.amx_weight = kernels.amx_tiles(weight)
         elif kernels.fma_linear_fits(weight):
             self.fma_weight = kernels.fma_panels(weight)

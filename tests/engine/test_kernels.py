@@ -15,7 +15,17 @@ from engine.config import RopeConfig
 from engine.layers.linear import AMX_MAX_ROWS
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
 
-ops = kernels.ops()
+pytestmark = pytest.mark.slow  # real or tiny model weights, kernel builds or servers
+
+
+
+@pytest.fixture
+def ops() -> kernels.KernelOps:
+    """The kernels, built on first use (not at collection: `make test-fast` never builds them)."""
+    library = kernels.ops()
+    if library is None:
+        pytest.skip("fused CPU kernels unavailable")
+    return library
 
 
 def test_the_kernels_build_where_a_compiler_is():
@@ -23,15 +33,13 @@ def test_the_kernels_build_where_a_compiler_is():
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None or not kernels.enabled():
         pytest.skip("no C++ compiler, or kernels disabled")
-    assert ops is not None, "cpu_ops.cpp did not build: see the warning logged by engine.kernels"
+    assert kernels.ops() is not None, "cpu_ops.cpp did not build: see the warning logged by engine.kernels"
     flags = kernels._cpu_flags().split()
     if b"amx_bf16" in flags:
         assert kernels.amx_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16)), "this CPU has AMX"
     if b"avx2" in flags and b"fma" in flags:
         assert kernels.fma_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16)), "this CPU has AVX2"
 
-
-needs_ops = pytest.mark.skipif(ops is None, reason="fused CPU kernels unavailable")
 
 DTYPES = [torch.bfloat16, torch.float32]
 
@@ -45,10 +53,9 @@ def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-@needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [576, 584])  # whole vectors, and a tail of 8
-def test_rms_norm_with_and_without_residual(dtype, hidden):
+def test_rms_norm_with_and_without_residual(ops, dtype, hidden):
     torch.manual_seed(0)
     x, residual = torch.randn(7, hidden, dtype=dtype), torch.randn(7, hidden, dtype=dtype)
     weight = torch.randn(hidden, dtype=dtype)
@@ -63,20 +70,18 @@ def test_rms_norm_with_and_without_residual(dtype, hidden):
     assert_same(out, eager(residual + x))
 
 
-@needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [1536, 1544])  # whole vectors, and a tail of 8
-def test_silu_and_mul(dtype, width):
+def test_silu_and_mul(ops, dtype, width):
     torch.manual_seed(0)
     gate_up = torch.randn(64, 2 * width, dtype=dtype) * 4
     gate, up = gate_up.chunk(2, dim=-1)
     assert_same(ops.silu_and_mul(gate_up), F.silu(gate) * up)
 
 
-@needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 48])  # the vectorised path and the generic one
-def test_rotary_and_store(dtype, head_dim):
+def test_rotary_and_store(ops, dtype, head_dim):
     torch.manual_seed(0)
     heads, kv_heads, tokens = 9, 3, 6
     rope = RotaryEmbedding(head_dim, 4096, RopeConfig(theta=100000.0))(torch.tensor([0, 1, 7, 100, 2047, 4095]), dtype)
@@ -97,11 +102,10 @@ def test_rotary_and_store(dtype, head_dim):
     assert int((k_cache != 0).any(-1).any(-1).sum()) == tokens  # nothing else written
 
 
-@needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 48])  # the vectorised path and the generic one
 @pytest.mark.parametrize("heads", [6, 14])  # 3 and 7 query heads per kv head (SmolLM2, Qwen2.5)
-def test_paged_attention(dtype, head_dim, heads):
+def test_paged_attention(ops, dtype, head_dim, heads):
     """Decodes, a draft, prompt chunks and whole prompts in one call: every row equals causal
     attention over its prefix, and equals to the bit the same row computed alone as a decode."""
     torch.manual_seed(0)
@@ -140,8 +144,7 @@ def test_paged_attention(dtype, head_dim, heads):
             assert torch.equal(alone[0], out[starts[s] + r])
 
 
-@needs_ops
-def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
+def test_bad_arguments_raise_instead_of_reading_out_of_bounds(ops):
     q = torch.randn(2, 4, 64, dtype=torch.bfloat16)
     cache = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
     one_each = torch.tensor([0, 1, 2])
@@ -182,13 +185,14 @@ def test_a_failed_build_falls_back_to_eager_ops(tmp_path, monkeypatch, caplog):
     assert "fused CPU kernels unavailable" in caplog.text
 
 
+# Conditions as strings: evaluated when a test runs, not when the module is collected.
 amx = pytest.mark.skipif(
-    not kernels.amx_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16)), reason="no AMX linear"
+    "not kernels.amx_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16))", reason="no AMX linear"
 )
 
 
 @amx
-def test_amx_linear_matches_onednn_bit_for_bit(default_model_dir):
+def test_amx_linear_matches_onednn_bit_for_bit(ops, default_model_dir):
     """The AMX kernel must give exactly oneDNN's packed result on the real weights, at one row
     and past AMX_MAX_ROWS where the engine switches to oneDNN: a sequence's greedy tokens must
     not depend on what else is in the batch. (oneDNN's down_proj at 197-254 rows sums in
@@ -212,7 +216,7 @@ def test_amx_linear_matches_onednn_bit_for_bit(default_model_dir):
 
 
 @amx
-def test_amx_linear_rows_do_not_depend_on_each_other():
+def test_amx_linear_rows_do_not_depend_on_each_other(ops):
     torch.manual_seed(0)
     weight = torch.randn(96, 128, dtype=torch.bfloat16)
     tiles = kernels.amx_tiles(weight)
@@ -226,7 +230,7 @@ def test_amx_linear_rows_do_not_depend_on_each_other():
 
 
 @amx
-def test_amx_linear_rejects_what_it_cannot_take():
+def test_amx_linear_rejects_what_it_cannot_take(ops):
     tiles = torch.zeros(2, 2, 16, 16, 2, dtype=torch.bfloat16)  # a [32, 64] weight
     with pytest.raises(RuntimeError, match="the weight 64"):
         ops.amx_linear(torch.zeros(1, 96, dtype=torch.bfloat16), tiles, None)
@@ -257,13 +261,13 @@ def test_amx_copies_are_made_only_within_the_budget():
 
 
 fma = pytest.mark.skipif(
-    not kernels.fma_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16)), reason="no FMA linear (AVX2)"
+    "not kernels.fma_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16))", reason="no FMA linear (AVX2)"
 )
 
 
 @fma
 @pytest.mark.parametrize("out_features, in_features", [(16, 7), (96, 64), (112, 200), (960, 576)])
-def test_fma_linear_rounds_the_exact_sum_once(out_features, in_features):
+def test_fma_linear_rounds_the_exact_sum_once(ops, out_features, in_features):
     """Every output is the float32 sum of its products rounded once to bf16: within half a bf16
     step of the exact value, plus float32 summation error. 112 outputs leave a last group of
     one panel; 7 and 200 columns are no multiple of any vector width."""
@@ -282,7 +286,7 @@ def test_fma_linear_rounds_the_exact_sum_once(out_features, in_features):
 
 
 @fma
-def test_fma_linear_rows_do_not_depend_on_each_other():
+def test_fma_linear_rows_do_not_depend_on_each_other(ops):
     torch.manual_seed(0)
     weight = torch.randn(208, 96, dtype=torch.bfloat16)  # 13 panels: two groups of 6 and one
     panels = kernels.fma_panels(weight)
@@ -299,7 +303,7 @@ def test_fma_linear_rows_do_not_depend_on_each_other():
 
 
 @fma
-def test_fma_linear_rejects_what_it_cannot_take():
+def test_fma_linear_rejects_what_it_cannot_take(ops):
     panels = torch.zeros(2, 64, 16, dtype=torch.bfloat16)  # a [32, 64] weight
     with pytest.raises(RuntimeError, match="the weight 64"):
         ops.fma_linear(torch.zeros(1, 96, dtype=torch.bfloat16), panels, None)
@@ -310,10 +314,12 @@ def test_fma_linear_rejects_what_it_cannot_take():
 
 
 @fma
-def test_linear_takes_the_fma_kernel_where_onednn_has_no_bf16(monkeypatch):
+@pytest.mark.parametrize("onednn_bf16", [False, True])  # an AVX2-only CPU; AVX-512 without AMX
+def test_linear_takes_the_fma_kernel_where_there_is_no_amx(ops, monkeypatch, onednn_bf16):
     from engine.layers import linear
 
-    monkeypatch.setattr(linear, "can_pack", lambda weight: False)  # as on a CPU without AVX-512
+    monkeypatch.setattr(linear, "can_pack", lambda weight: onednn_bf16)
+    monkeypatch.setattr(kernels, "amx_linear_fits", lambda weight: False)
     torch.manual_seed(0)
     layer = linear.Linear(64, 48, bias=True).to(torch.bfloat16)
     weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
@@ -337,8 +343,7 @@ def test_a_float16_model_runs_on_the_eager_ops(default_model_dir):
     assert "Paris" in result.completions[0].text
 
 
-@needs_ops
-def test_a_build_killed_half_way_does_not_block_the_next_one(tmp_path, monkeypatch):
+def test_a_build_killed_half_way_does_not_block_the_next_one(ops, tmp_path, monkeypatch):
     """A build interrupted earlier leaves its directory and torch's lock file behind; the next
     process must build anyway, not wait on that lock forever, and clear the dead directory
     (not one a build running alongside may be using). Runs in a fresh process with an empty
