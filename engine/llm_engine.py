@@ -17,13 +17,12 @@ from engine.config import EngineConfig, ModelConfig
 from engine.errors import ContextLengthExceeded, RequestError
 from engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from engine.loader import available_memory_bytes, load_model
-from engine.model_runner import ModelRunner
-from engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from engine.model_runner import ModelRunner, ModelRunnerOutput
+from engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from engine.request import FinishReason, Request, Sequence
 from engine.sampler import Sampler
 from engine.sampling_params import GENERATION_CONFIG_KEYS, SamplingParams
-from engine.scheduler import Scheduler
-from engine.speculation import accepted_tokens
+from engine.scheduler import ScheduledSequence, Scheduler
 from engine.stopping import check_token_stop, find_stop_string, num_held_back_chars
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -78,10 +77,11 @@ class LLMEngine:
             raise ValueError(f"KV cache memory {memory} bytes holds no block of {block_size} tokens")
         self.kv_caches = allocate_kv_cache(self.model_config, num_blocks, block_size, dtype, self.device)
         self.block_manager = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_manager, self.device)
-        if not self.runner.fused_attention:  # only the fused kernel reads draft rows
-            self.scheduler.speculative_tokens = 0
+        # Only the fused attention kernel reads a draft's rows after a decode.
+        speculative_tokens = config.scheduler.speculative_tokens if self.runner.fused_attention else 0
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, speculative_tokens)
+        self.speculator = self.scheduler.speculator
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
 
@@ -89,8 +89,6 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
-        self.num_draft_tokens = 0  # speculative decoding: tokens guessed, and of them accepted
-        self.num_accepted_draft_tokens = 0
         logger.info(
             "engine ready: %s (%s, %s), max_model_len %d, %d KV blocks of %d tokens, %s kernels",
             self.model_name, self.model_config.model_type, config.dtype, self.max_model_len,
@@ -183,20 +181,21 @@ class LLMEngine:
         return self._collect(changed)
 
     @torch.inference_mode()
-    def _run(self, scheduled) -> list[Sequence]:
-        logits, sampled = self.runner.execute(scheduled)
+    def _run(self, scheduled: list[ScheduledSequence]) -> list[Sequence]:
+        output = self.runner.execute(scheduled)
         for entry in scheduled:
             entry.seq.num_computed_tokens += entry.num_new_tokens
-        changed = self._sample(logits, sampled, scheduled) if sampled else []
+        changed = self._sample(output, scheduled) if output.sampled else []
         for entry in scheduled:  # blocks filled in this step join the prefix cache
             seq = entry.seq
             self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
         return changed
 
-    def _sample(self, logits, sampled, scheduled) -> list[Sequence]:
-        verified = []
+    def _sample(self, output: ModelRunnerOutput, scheduled: list[ScheduledSequence]) -> list[Sequence]:
+        logits, sampled, verified = output.logits, output.sampled, []
         if any(scheduled[i].draft for i in sampled):
-            logits, sampled, verified = self._split_draft_rows(logits, sampled, scheduled)
+            split = self.speculator.split_rows(logits, sampled, scheduled)
+            logits, sampled, verified = split.logits, split.sampled, split.verified
         seqs = [scheduled[i].seq for i in sampled]
         rows = list(range(len(seqs)))
         for row, seq in enumerate(list(seqs)):
@@ -210,41 +209,9 @@ class LLMEngine:
             for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
                 self._append_token(seq, token_id, logprob)
             self.num_generated_tokens += len(seqs)
-        return seqs + [self._accept_draft(entry, choices) for entry, choices in verified]
-
-    @staticmethod
-    def _split_draft_rows(logits, sampled, scheduled):
-        """Separate the rows of entries with a draft from the others' one row each. Returns the
-        others' logits and entry indices, and (entry, the argmax of each of its rows) pairs."""
-        plain_rows, plain, verified = [], [], []
-        row = 0
-        for i in sampled:
-            entry = scheduled[i]
-            if entry.draft:
-                choices = logits[row : row + 1 + len(entry.draft)].max(dim=-1).indices.tolist()
-                verified.append((entry, choices))
-            else:
-                plain_rows.append(row)
-                plain.append(i)
-            row += 1 + len(entry.draft)
-        return logits[plain_rows], plain, verified
-
-    def _accept_draft(self, entry, choices: list[int]) -> Sequence:
-        """Append the tokens a verified draft yields, up to a stop; the cache then holds K/V for
-        all but the last of them (rows past the first wrong guess are simply overwritten later)."""
-        seq = entry.seq
-        accepted = accepted_tokens(entry.draft, choices)
-        num_appended = 0
-        for token_id in accepted:
-            self._append_token(seq, token_id, None)
-            num_appended += 1
-            if seq.is_finished:
-                break
-        seq.num_computed_tokens += num_appended - 1
-        self.num_generated_tokens += num_appended
-        self.num_draft_tokens += len(entry.draft)
-        self.num_accepted_draft_tokens += len(accepted) - 1
-        return seq
+        for draft in verified:
+            self.num_generated_tokens += self.speculator.accept(draft, self._append_token)
+        return seqs + [draft.entry.seq for draft in verified]
 
     def _fork_siblings(self, seq: Sequence) -> list[Sequence]:
         """After sequence 0 of an n > 1 request has prefilled, start its siblings on shared blocks.
@@ -272,7 +239,7 @@ class LLMEngine:
             self.runner.copy_blocks(copies)
         return forked
 
-    def _append_token(self, seq: Sequence, token_id: int, logprob) -> None:
+    def _append_token(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None = None) -> None:
         seq.token_ids.append(token_id)
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -349,8 +316,8 @@ class LLMEngine:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generated_tokens=self.num_generated_tokens,
             num_preemptions=self.scheduler.num_preemptions,
-            num_draft_tokens=self.num_draft_tokens,
-            num_accepted_draft_tokens=self.num_accepted_draft_tokens,
+            num_draft_tokens=self.speculator.num_draft_tokens,
+            num_accepted_draft_tokens=self.speculator.num_accepted_tokens,
             num_prefix_queried_tokens=self.scheduler.num_prefix_queried_tokens,
             num_prefix_hit_tokens=self.scheduler.num_prefix_hit_tokens,
         )

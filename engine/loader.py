@@ -65,6 +65,7 @@ def load_model(
     # The AMX kernel needs its own copy of the weights beside oneDNN's packed one: worth it for
     # small models, not for one whose second copy would crowd out the rest of the memory.
     pack_linear_weights(model, amx_copy_budget=available_memory_bytes() // 4)
+    model.finish_loading()
     return model.eval()
 
 

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from engine import kernels
 from engine.block_manager import BlockManager
-from engine.layers.attention import KVCache, build_attention_metadata
+from engine.layers.attention import KVCache, build_paged_metadata, build_rectangle_metadata
 from engine.scheduler import ScheduledSequence
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """One step's logits for the entries that sample a token.
+
+    `sampled` lists, in step order, the indices (into the scheduled entries) of those whose
+    known tokens are now all computed. Each owns 1 + len(entry.draft) consecutive rows of
+    `logits`: its new token's, then one per draft token (engine/speculation.py).
+    """
+
+    logits: torch.Tensor  # float32 [num_rows, vocab_size]
+    sampled: list[int]
 
 
 class ModelRunner:
@@ -20,14 +35,13 @@ class ModelRunner:
         self.block_manager = block_manager
         self.device = device
         self.fused_attention = kernels.use_for(kv_caches[0][0]) is not None  # reads the blocks directly
+        self.build_metadata = build_paged_metadata if self.fused_attention else build_rectangle_metadata
         # Rectangular-batch accounting for the benchmarks: key slots read vs. real context tokens.
         self.num_kv_slots_read = 0
         self.num_kv_slots_used = 0
 
-    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, list[int]]:
-        """Run one step. Returns float32 logits [num_sampled, vocab] and the indices (into
-        `scheduled`) of the entries they belong to: those whose known tokens are now all computed.
-        An entry with a draft has a row for its new token and one for each draft token after it."""
+    def execute(self, scheduled: list[ScheduledSequence]) -> ModelRunnerOutput:
+        """Run one step: each entry's new tokens, then its draft tokens, are rows of the input."""
         input_ids: list[int] = []
         tables, computed, new = [], [], []
         sample_rows, sampled = [], []
@@ -43,17 +57,15 @@ class ModelRunner:
             if start + n == len(seq.token_ids):
                 sample_rows += range(row - len(draft), row + 1)
                 sampled.append(i)
-        positions, meta = build_attention_metadata(
-            tables, computed, new, self.block_manager.block_size, self.device, self.fused_attention
-        )
+        positions, meta = self.build_metadata(tables, computed, new, self.block_manager.block_size, self.device)
         self.num_kv_slots_read += meta.num_kv_slots_read
         self.num_kv_slots_used += meta.num_kv_slots_used
         ids = torch.tensor(input_ids, device=self.device)
         hidden = self.model(ids, positions, self.kv_caches, meta)  # [num_tokens, hidden_size]
         if not sample_rows:
-            return hidden.new_empty(0, 0, dtype=torch.float32), []
+            return ModelRunnerOutput(hidden.new_empty(0, 0, dtype=torch.float32), [])
         rows = torch.tensor(sample_rows, device=self.device)
-        return self.model.compute_logits(hidden[rows]).cpu(), sampled
+        return ModelRunnerOutput(self.model.compute_logits(hidden[rows]).cpu(), sampled)
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

@@ -55,7 +55,7 @@ class Sequence:
     is_awaiting_fork: bool = False
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    # Text bookkeeping, owned by the output processor.
+    # Text bookkeeping: LLMEngine appends detokenized text and reports what is not yet emitted.
     output_text: str = ""
     num_emitted_chars: int = 0
     num_emitted_tokens: int = 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.request import FinishReason, RequestStatus, Sequence
-from engine.speculation import can_speculate, propose_draft
+from engine.speculation import Speculator
 
 
 @dataclass(slots=True)
@@ -38,11 +38,21 @@ class Scheduler:
     freed and it is recomputed from its tokens when readmitted, so the oldest always progress.
     """
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        max_model_len: int,
+        speculative_tokens: int | None = None,
+    ) -> None:
+        """`speculative_tokens`: draft tokens per sequence and step, None for the config's (the
+        engine passes 0 where drafts cannot be verified)."""
         self.config = config
         self.block_manager = block_manager
         self.max_model_len = max_model_len
-        self.speculative_tokens = config.speculative_tokens  # 0 where drafts cannot be verified
+        if speculative_tokens is None:
+            speculative_tokens = config.speculative_tokens
+        self.speculator = Speculator(speculative_tokens, config.speculative_max_seqs, max_model_len)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -74,16 +84,31 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(scheduled=[])
-        budget = self.config.max_num_batched_tokens
-        bm = self.block_manager
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        self._admit_waiting(out, budget)
+        # Decodes, then chunks continuing a cached prefix, then fresh prompts; each longest
+        # context first, so attention reads neighbours of similar length as one rectangle
+        # (see engine/layers/attention.py).
+        out.scheduled.sort(
+            key=lambda s: (
+                s.num_new_tokens != 1,
+                s.seq.num_computed_tokens == 0,
+                -(s.seq.num_computed_tokens + s.num_new_tokens),
+            )
+        )
+        return out
 
-        speculate = 0 < len(self.running) <= self.config.speculative_max_seqs
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        """Schedule each running sequence's next token (with a draft where speculation is on) or
+        next prompt chunk, preempting the newest when blocks run out. Returns the budget left."""
+        bm = self.block_manager
+        speculate = self.speculator.is_active(len(self.running))
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
             num_tokens = seq.num_computed_tokens + num_new
-            draft = self._draft(seq, budget - 1) if speculate and num_new == 1 else []
+            draft = self.speculator.propose(seq, budget - 1) if speculate and num_new == 1 else []
             if draft and bm.can_allocate(seq.seq_id, num_tokens + len(draft)):  # never preempts for it
                 num_tokens += len(draft)
             else:
@@ -105,7 +130,12 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, num_new, draft))
             budget -= num_new + len(draft)
             i += 1
+        return budget
 
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Admit waiting sequences, FCFS, while the budget, max_num_seqs and free blocks allow,
+        each starting after the whole blocks of its prompt that the prefix cache holds."""
+        bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]  # holds no blocks yet
             cached = bm.match_prefix(seq.token_ids)
@@ -129,29 +159,6 @@ class Scheduler:
                 seq.request.num_cached_tokens = min(num_cached, seq.request.num_prompt_tokens)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
-
-        # Decodes, then chunks continuing a cached prefix, then fresh prompts; each longest
-        # context first, so attention reads neighbours of similar length as one rectangle
-        # (see engine/layers/attention.py).
-        out.scheduled.sort(
-            key=lambda s: (
-                s.num_new_tokens != 1,
-                s.seq.num_computed_tokens == 0,
-                -(s.seq.num_computed_tokens + s.num_new_tokens),
-            )
-        )
-        return out
-
-    def _draft(self, seq: Sequence, budget: int) -> list[int]:
-        """Tokens to verify after `seq`'s next one: within the step's budget, the context
-        length and max_tokens (tokens past those would be dropped anyway)."""
-        if not self.speculative_tokens or not can_speculate(seq):
-            return []
-        room = min(self.speculative_tokens, budget, self.max_model_len - len(seq.token_ids))
-        max_tokens = seq.request.params.max_tokens
-        if max_tokens is not None:
-            room = min(room, max_tokens - seq.num_generated_tokens - 1)
-        return propose_draft(seq.token_ids, room)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -10,11 +10,24 @@ Only greedy sequences whose next token depends on nothing but the logits take pa
 tokens are exactly those of plain decoding; the fused attention kernel and linears compute each
 row alone, so they are bit for bit the same too. It pays while a step is bound by reading the
 weights (few sequences), where a few more rows cost little.
+
+Row layout: a scheduled entry's draft tokens follow its real new token in the step's input, so
+an entry whose prompt is all computed owns 1 + len(draft) consecutive logits rows: row j is the
+model's choice after the real token and draft[:j].
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
 from engine.request import Sequence
+
+if TYPE_CHECKING:  # the scheduler imports this module
+    from engine.scheduler import ScheduledSequence
 
 # Longest and shortest run of last tokens looked up; longer matches first.
 MAX_MATCH = 3
@@ -71,3 +84,84 @@ def accepted_tokens(draft: list[int], choices: list[int]) -> list[int]:
             break
         accepted.append(choice)
     return accepted
+
+
+@dataclass(slots=True)
+class VerifiedDraft:
+    entry: ScheduledSequence
+    choices: list[int]  # the argmax of each of the entry's 1 + len(draft) rows
+
+
+@dataclass(slots=True)
+class DraftSplit:
+    """A step's sampled rows, parted into entries sampled as usual and entries with a draft."""
+
+    logits: torch.Tensor  # [len(sampled), vocab_size]: one row per plain entry
+    sampled: list[int]  # indices into the step's entries, one per row of `logits`
+    verified: list[VerifiedDraft]
+
+
+class Speculator:
+    """Decides which sequences carry a draft and what a verified draft yields.
+
+    `num_tokens` is 0 where drafts cannot be verified (only the fused attention kernel reads
+    several rows after a decode); drafts are proposed only while at most `max_seqs` sequences
+    run, where a step is bound by reading the weights rather than by arithmetic.
+    """
+
+    def __init__(self, num_tokens: int, max_seqs: int, max_model_len: int) -> None:
+        self.num_tokens = num_tokens
+        self.max_seqs = max_seqs
+        self.max_model_len = max_model_len
+        self.num_draft_tokens = 0  # proposed since start
+        self.num_accepted_tokens = 0  # of which the model confirmed
+
+    def is_active(self, num_running: int) -> bool:
+        return self.num_tokens > 0 and 0 < num_running <= self.max_seqs
+
+    def propose(self, seq: Sequence, budget: int) -> list[int]:
+        """Tokens to verify after `seq`'s next one: within the step's token `budget`, the
+        context length and max_tokens (tokens past those would be dropped anyway)."""
+        if not can_speculate(seq):
+            return []
+        room = min(self.num_tokens, budget, self.max_model_len - len(seq.token_ids))
+        max_tokens = seq.request.params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - seq.num_generated_tokens - 1)
+        return propose_draft(seq.token_ids, room)
+
+    @staticmethod
+    def split_rows(
+        logits: torch.Tensor, sampled: list[int], scheduled: list[ScheduledSequence]
+    ) -> DraftSplit:
+        """Separate the rows of entries with a draft (see the row layout above) from the
+        others' one row each."""
+        plain_rows, plain, verified = [], [], []
+        row = 0
+        for i in sampled:
+            entry = scheduled[i]
+            if entry.draft:
+                choices = logits[row : row + 1 + len(entry.draft)].max(dim=-1).indices.tolist()
+                verified.append(VerifiedDraft(entry, choices))
+            else:
+                plain_rows.append(row)
+                plain.append(i)
+            row += 1 + len(entry.draft)
+        return DraftSplit(logits[plain_rows], plain, verified)
+
+    def accept(self, verified: VerifiedDraft, append_token: Callable[[Sequence, int], None]) -> int:
+        """Append the tokens a verified draft yields, up to a stop, and return how many. The
+        cache then holds K/V for all but the last of them (rows past the first wrong guess are
+        simply overwritten later)."""
+        seq, draft = verified.entry.seq, verified.entry.draft
+        accepted = accepted_tokens(draft, verified.choices)
+        num_appended = 0
+        for token_id in accepted:
+            append_token(seq, token_id)
+            num_appended += 1
+            if seq.is_finished:
+                break
+        seq.num_computed_tokens += num_appended - 1
+        self.num_draft_tokens += len(draft)
+        self.num_accepted_tokens += len(accepted) - 1
+        return num_appended

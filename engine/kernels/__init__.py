@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Protocol, cast
 
 import torch
 
@@ -30,25 +31,52 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+class KernelOps(Protocol):
+    """torch.ops.kestrel: the ops cpu_ops.cpp registers. fma_linear and decoder_layers exist
+    only in builds for CPUs with AVX2 + FMA, amx_linear only with AMX (check with hasattr)."""
+
+    def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+    def rotary_and_store(
+        self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+        num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    ) -> None: ...
+    def paged_attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+        query_starts: torch.Tensor, context_lens: torch.Tensor, scale: float,
+    ) -> torch.Tensor: ...
+    def fma_linear(self, x: torch.Tensor, w_panels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+    def amx_linear(self, x: torch.Tensor, w_tiles: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+    def decoder_layers(
+        self, hidden: torch.Tensor, input_norms: list[torch.Tensor], post_norms: list[torch.Tensor],
+        qkv_weights: list[torch.Tensor], qkv_biases: list[torch.Tensor | None], o_weights: list[torch.Tensor],
+        gate_up_weights: list[torch.Tensor], down_weights: list[torch.Tensor], final_norm: torch.Tensor,
+        eps: float, num_heads: int, num_kv_heads: int, positions: torch.Tensor, cos: torch.Tensor,
+        sin: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+        slot_mapping: torch.Tensor, block_tables: torch.Tensor, query_starts: torch.Tensor,
+        context_lens: torch.Tensor, scale: float,
+    ) -> torch.Tensor: ...
+
+
 def enabled() -> bool:
     return os.environ.get("KESTREL_KERNELS", "1") not in ("0", "false", "no", "off")
 
 
-def ops():
+def ops() -> KernelOps | None:
     """torch.ops.kestrel, building the library on the first call; None if unavailable."""
     try:
-        return _state["ops"]  # the hot path: every fused op call asks
+        return _state["ops"]  # type: ignore[return-value]  # the hot path: every fused op call asks
     except KeyError:
         with _lock:
             if "ops" not in _state:
                 _state["ops"] = _load() if enabled() else None
-        return _state["ops"]
+        return _state["ops"]  # type: ignore[return-value]
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def use_for(x: torch.Tensor):
+def use_for(x: torch.Tensor) -> KernelOps | None:
     """The fused ops if they apply to tensors like `x` (CPU, float32 or bf16), else None."""
     return ops() if x.device.type == "cpu" and x.dtype in KERNEL_DTYPES else None
 
@@ -116,7 +144,7 @@ def library_path() -> Path:
     return kestrel_home() / "kernels" / digest.hexdigest()[:16] / "kestrel_cpu_ops.so"
 
 
-def _load():
+def _load() -> KernelOps | None:
     library = library_path()
     try:
         if library.exists():
@@ -126,7 +154,7 @@ def _load():
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back to eager torch
         logger.warning("fused CPU kernels unavailable, using eager torch ops instead: %s", exc)
         return None
-    return torch.ops.kestrel
+    return cast(KernelOps, torch.ops.kestrel)
 
 
 def _cpu_flags() -> bytes:

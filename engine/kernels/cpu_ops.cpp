@@ -1,6 +1,6 @@
-// Fused CPU kernels for one decode step: the eager versions cost a few microseconds of
-// dispatch per op, a gather copy of every sequence's keys and values per layer, and oneDNN's
-// fixed cost per matmul call.
+// Fused CPU kernels for a model step (decodes, draft rows and prompt chunks alike): the eager
+// versions cost a few microseconds of dispatch per op, a gather copy of every sequence's keys
+// and values per layer, and oneDNN's fixed cost per matmul call.
 //
 // Every kernel rounds to the model dtype at the same points as the eager torch code it
 // replaces (which follows the reference implementation), so bf16 results match it bit for
@@ -398,7 +398,7 @@ void rotary_and_store(at::Tensor& qkv, const at::Tensor& positions, const at::Te
   });
 }
 
-// ---- Decode attention straight from the paged cache -----------------------------------------
+// ---- Attention straight from the paged cache (decodes, draft rows, prompt chunks) -----------
 
 // Positions whose keys and values an attention item loads ahead of computing on them: for
 // SmolLM2, 768 KB, which stays in L2 until the value pass reads it.

@@ -86,53 +86,71 @@ class AttentionMetadata:
     paged: PagedBatch | None = None  # set instead of groups where the fused kernel runs
 
 
-def build_attention_metadata(
-    block_tables: list[list[int]],
-    num_computed_tokens: list[int],
-    num_new_tokens: list[int],
-    block_size: int,
-    device: torch.device | str = "cpu",
-    fused: bool = False,
-) -> tuple[torch.Tensor, AttentionMetadata]:
-    """Positions [num_tokens] and attention metadata for one step.
+@dataclass(slots=True)
+class _TokenLayout:
+    """Where each of a step's tokens sits: its sequence, position and cache slot."""
 
-    With `fused` (where the fused kernels run: `kernels.use_for(kv cache)`), the sequences come
-    in any order, and several new tokens may follow a decode (a draft to verify). Otherwise
-    decoding sequences (one new token) must come before prefilling ones, and consecutive
-    sequences of one kind share a rectangle until padding would cost more than a new one, so
-    ordering each kind by context length (longest first) keeps padding low.
-    """
-    num_seqs = len(block_tables)
-    num_decodes = 0
-    while num_decodes < num_seqs and num_new_tokens[num_decodes] == 1:
-        num_decodes += 1
-    if not fused and any(n == 1 for n in num_new_tokens[num_decodes:]):
-        raise ValueError("decoding sequences must precede prefilling ones")
+    tables: torch.Tensor  # [num_seqs, max_blocks] int64, block tables padded with block 0
+    new: torch.Tensor  # [num_seqs] new tokens per sequence
+    kv_lens: torch.Tensor  # [num_seqs] context lengths, the new tokens included
+    token_starts: torch.Tensor  # [num_seqs] first row of each sequence's tokens
+    offsets: torch.Tensor  # [num_tokens] index of each token among its sequence's new ones
+    positions: torch.Tensor  # [num_tokens]
+    slot_mapping: torch.Tensor  # [num_tokens]
 
+
+def _token_layout(
+    block_tables: list[list[int]], num_computed_tokens: list[int], num_new_tokens: list[int], block_size: int
+) -> _TokenLayout:
     max_blocks = max(len(t) for t in block_tables)
     tables = torch.tensor(
         [t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int64
     )  # [num_seqs, max_blocks]
     computed = torch.tensor(num_computed_tokens, dtype=torch.int64)
     new = torch.tensor(num_new_tokens, dtype=torch.int64)
-    kv_lens = computed + new
-
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), new)  # [num_tokens]
+    seq_of_token = torch.repeat_interleave(torch.arange(len(block_tables)), new)  # [num_tokens]
     token_starts = torch.cumsum(new, 0) - new
     offsets = torch.arange(len(seq_of_token)) - token_starts[seq_of_token]
     positions = computed[seq_of_token] + offsets
     slot_mapping = _slots(tables[seq_of_token], positions, block_size)
+    return _TokenLayout(tables, new, computed + new, token_starts, offsets, positions, slot_mapping)
 
-    kv_len_list = [c + n for c, n in zip(num_computed_tokens, num_new_tokens)]
-    if fused:
-        query_starts = torch.cat([token_starts, token_starts[-1:] + new[-1:]])
-        paged = PagedBatch(tables.to(device), query_starts.to(device), kv_lens.to(device))
-        total = sum(kv_len_list)
-        return positions.to(device), AttentionMetadata(slot_mapping.to(device), [], total, total, paged)
-    starts = token_starts.tolist()
+
+def build_paged_metadata(
+    block_tables: list[list[int]], num_computed_tokens: list[int], num_new_tokens: list[int],
+    block_size: int, device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, AttentionMetadata]:
+    """Positions [num_tokens] and attention metadata for one step run by the fused kernel
+    (where `kernels.use_for(kv cache)` holds). The sequences come in any order, and several new
+    tokens may follow a decode (a draft to verify)."""
+    layout = _token_layout(block_tables, num_computed_tokens, num_new_tokens, block_size)
+    query_starts = torch.cat([layout.token_starts, layout.token_starts[-1:] + layout.new[-1:]])
+    paged = PagedBatch(layout.tables.to(device), query_starts.to(device), layout.kv_lens.to(device))
+    total = sum(num_computed_tokens) + sum(num_new_tokens)
+    meta = AttentionMetadata(layout.slot_mapping.to(device), [], total, total, paged)
+    return layout.positions.to(device), meta
+
+
+def build_rectangle_metadata(
+    block_tables: list[list[int]], num_computed_tokens: list[int], num_new_tokens: list[int],
+    block_size: int, device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, AttentionMetadata]:
+    """Positions [num_tokens] and attention metadata for one step read as rectangles (eager
+    torch, other devices). Decoding sequences (one new token) must come before prefilling
+    ones; consecutive sequences of one kind share a rectangle until padding would cost more
+    than a new one, so ordering each kind by context length (longest first) keeps padding low.
+    """
+    num_seqs = len(block_tables)
+    num_decodes = 0
+    while num_decodes < num_seqs and num_new_tokens[num_decodes] == 1:
+        num_decodes += 1
+    if any(n == 1 for n in num_new_tokens[num_decodes:]):
+        raise ValueError("decoding sequences must precede prefilling ones")
+    layout = _token_layout(block_tables, num_computed_tokens, num_new_tokens, block_size)
+    starts = layout.token_starts.tolist()
     groups, num_read = [], 0
     for first, last in _split(num_computed_tokens, num_new_tokens, num_decodes):
-        group_new = new[first:last]
+        group_new = layout.new[first:last]
         start = starts[first]
         end = start + int(group_new.sum())
         if first >= num_decodes and num_computed_tokens[first] == 0:  # a fresh prompt, alone
@@ -141,13 +159,13 @@ def build_attention_metadata(
             continue
         is_decode = first < num_decodes
         kv_slots, valid = _context_slots(
-            tables[first:last], kv_lens[first:last], block_size, left_padded=not is_decode
+            layout.tables[first:last], layout.kv_lens[first:last], block_size, left_padded=not is_decode
         )
         num_read += kv_slots.numel()
         if is_decode:
             group = AttentionGroup(start, end, 1, None, kv_slots, valid[:, None, None, :])
         else:
-            group = _prefill_group(start, end, group_new, offsets[start:end], kv_slots, valid)
+            group = _prefill_group(start, end, group_new, layout.offsets[start:end], kv_slots, valid)
         groups.append(group)
 
     def to(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -157,8 +175,9 @@ def build_attention_metadata(
         group.query_rows, group.kv_slots, group.mask = (
             to(group.query_rows), to(group.kv_slots), to(group.mask)
         )
-    meta = AttentionMetadata(to(slot_mapping), groups, num_read, sum(kv_len_list))
-    return positions.to(device), meta
+    num_used = sum(num_computed_tokens) + sum(num_new_tokens)
+    meta = AttentionMetadata(to(layout.slot_mapping), groups, num_read, num_used)
+    return layout.positions.to(device), meta
 
 
 def _split(num_computed: list[int], num_new: list[int], num_decodes: int) -> list[tuple[int, int]]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine import kernels
 from engine.config import ModelConfig
 from engine.layers.activation import GatedMLP
 from engine.layers.attention import AttentionMetadata, KVCache, paged_attention, rotate_and_cache
 from engine.layers.linear import Linear, MergedLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, RotaryInputs
+from engine.models.fused_stack import FusedDecoderStack
 
 
 class LlamaAttention(nn.Module):
@@ -72,7 +72,8 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
-        self._fused_stack: tuple | None | bool = False  # not looked at yet
+        # All decoder layers in one kernel call, where it can run them: set by finish_loading.
+        self.fused_stack: FusedDecoderStack | None = None
 
     def forward(
         self,
@@ -83,41 +84,12 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
         rope = self.rotary_emb(positions, hidden.dtype)
-        stack = self.fused_stack()
-        if stack is not None and meta.paged is not None:
-            p = meta.paged
-            return kernels.ops().decoder_layers(
-                hidden, *stack, rope.positions, rope.cos_table, rope.sin_table, [k for k, _ in kv_caches],
-                [v for _, v in kv_caches], meta.slot_mapping, p.block_tables, p.query_starts, p.context_lens,
-                self.config.attention_scale,
-            )
+        if self.fused_stack is not None and meta.paged is not None:
+            return self.fused_stack(hidden, rope, kv_caches, meta)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
         return self.norm(hidden, residual)[0]
-
-    def fused_stack(self) -> tuple | None:
-        """The layers' arguments to the fused kernel that runs every decoder layer in one call,
-        where the kernels are built and every linear of the layers runs the FMA kernel
-        (engine/layers/linear.py) with no bias but q/k/v's; else None. Looked up once."""
-        if self._fused_stack is False:
-            attns, mlps = [layer.self_attn for layer in self.layers], [layer.mlp for layer in self.layers]
-            qkvs = [a.qkv_proj for a in attns]
-            others = [a.o_proj for a in attns] + [m for p in mlps for m in (p.gate_up_proj, p.down_proj)]
-            fits = (
-                all(m.fma_weight is not None for m in qkvs + others)
-                and all(m.bias is None for m in others)
-                and hasattr(kernels.ops(), "decoder_layers")
-            )
-            c = self.config
-            self._fused_stack = (
-                [layer.input_layernorm.weight for layer in self.layers],
-                [layer.post_attention_layernorm.weight for layer in self.layers],
-                [m.fma_weight for m in qkvs], [m.bias for m in qkvs], [a.o_proj.fma_weight for a in attns],
-                [p.gate_up_proj.fma_weight for p in mlps], [p.down_proj.fma_weight for p in mlps],
-                self.norm.weight, c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads,
-            ) if fits else None  # fmt: skip
-        return self._fused_stack
 
 
 class LlamaForCausalLM(nn.Module):
@@ -149,6 +121,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states, [num_tokens, hidden_size]."""
         return self.model(input_ids, positions, kv_caches, meta)
+
+    def finish_loading(self) -> None:
+        """Called once the weights are loaded and packed for their kernels."""
+        self.model.fused_stack = FusedDecoderStack.build(self.model.layers, self.model.norm, self.config)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [num_rows, vocab_size] for the selected rows of hidden states."""

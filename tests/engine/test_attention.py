@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import kernels
-from engine.layers.attention import build_attention_metadata, paged_attention, store_kv
+from engine import kernels  # noqa: F401  (read by the skip condition below)
+from engine.layers.attention import build_paged_metadata, build_rectangle_metadata, paged_attention, store_kv
 
 BLOCK = 4
 HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -27,7 +27,9 @@ def reference(q_all, k_all, v_all, scale):
 # The fused kernel reads every sequence straight from its blocks; without it they share rectangles.
 PATHS = [
     False,
-    pytest.param(True, marks=pytest.mark.skipif(not kernels.available_on(torch.device("cpu")), reason="no fused kernels")),
+    pytest.param(True, marks=[  # a condition string is evaluated when the test runs: no build at collection
+        pytest.mark.slow, pytest.mark.skipif("not kernels.available_on(torch.device('cpu'))", reason="no fused kernels"),
+    ]),
 ]
 
 
@@ -51,9 +53,8 @@ def test_mixed_step_matches_per_sequence_attention(fused, dtype):
         for pos in range(cached):
             k_cache[table[pos // BLOCK], pos % BLOCK] = k[pos]
             v_cache[table[pos // BLOCK], pos % BLOCK] = v[pos]
-    positions, meta = build_attention_metadata(
-        tables, [c for c, _ in seqs], [n for _, n in seqs], BLOCK, fused=fused
-    )
+    build_metadata = build_paged_metadata if fused else build_rectangle_metadata
+    positions, meta = build_metadata(tables, [c for c, _ in seqs], [n for _, n in seqs], BLOCK)
     q = torch.randn(sum(n for _, n in seqs), HEADS, DIM, dtype=dtype)
     new_k = torch.cat([k[c:] for (c, _), k in zip(seqs, full_k)])
     new_v = torch.cat([v[c:] for (c, _), v in zip(seqs, full_v)])
@@ -78,6 +79,6 @@ def test_mixed_step_matches_per_sequence_attention(fused, dtype):
 
 def test_similar_lengths_share_one_rectangle():
     tables = [[i] * 10 for i in range(6)]
-    _, meta = build_attention_metadata(tables, [30, 29, 28, 27, 26, 25], [1] * 6, BLOCK)
+    _, meta = build_rectangle_metadata(tables, [30, 29, 28, 27, 26, 25], [1] * 6, BLOCK)
     assert len(meta.groups) == 1
     assert meta.groups[0].kv_slots.shape == (6, 32)  # right-padded to a multiple of 16

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.config import SchedulerConfig
-from engine.layers.attention import build_attention_metadata
+from engine.layers.attention import build_paged_metadata, build_rectangle_metadata
 from engine.scheduler import Scheduler
 from engine.speculation import accepted_tokens, can_speculate, propose_draft
 from tests.engine.factories import make_block_manager, make_seq
@@ -107,14 +107,14 @@ def test_draft_rows_attend_each_to_its_own_prefix():
     """Sequence 0 decodes with two draft tokens after its new one, sequence 1 plainly: for the
     fused kernel the draft rows are three query rows of sequence 0, the newest of its context."""
     tables = [[3, 7], [5]]
-    positions, meta = build_attention_metadata(tables, [5, 2], [3, 1], block_size=4, fused=True)
+    positions, meta = build_paged_metadata(tables, [5, 2], [3, 1], block_size=4)
     assert positions.tolist() == [5, 6, 7, 2]
     assert meta.paged.query_starts.tolist() == [0, 3, 4]
     assert meta.paged.context_lens.tolist() == [8, 3]
     assert meta.paged.block_tables.tolist() == [[3, 7], [5, 0]]
     assert meta.slot_mapping.tolist() == [7 * 4 + 1, 7 * 4 + 2, 7 * 4 + 3, 5 * 4 + 2]
     with pytest.raises(ValueError, match="must precede"):  # the rectangles cannot read a draft
-        build_attention_metadata(tables, [5, 2], [3, 1], block_size=4, fused=False)
+        build_rectangle_metadata(tables, [5, 2], [3, 1], block_size=4)
 
 
 @pytest.mark.parametrize("stop", [[], ["bird", "Output"]])
@@ -144,7 +144,7 @@ def test_real_model_gives_the_same_tokens_with_and_without_drafts(default_model_
                 done["finish"] = out.outputs[0].finish_reason
         results[k] = outputs
         if k:
-            assert engine.num_accepted_draft_tokens > 0
+            assert engine.speculator.num_accepted_tokens > 0
         assert engine.block_manager.num_used_blocks == 0
     assert results[4] == results[0]
     assert all(len(o["ids"]) <= 60 for o in results[4].values())
