@@ -1,37 +1,47 @@
 """Kestrel engine: continuous batching over a paged KV cache, native torch models.
 
-The server uses only what this module exports.
+The server uses only what this module exports. Names are imported on first use, so that the
+server's settings can read the configs without loading torch (`python -m server --help`).
 """
 
-from engine.async_engine import AsyncEngine
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.errors import ContextLengthExceeded, EngineDead, EngineOverloaded, RequestError
-from engine.llm import LLM, Completion, GenerationResult
-from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
-from engine.sampling_params import SamplingParams, SamplingParamsError
-from engine.tokenizer import ChatTemplateError, Tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "LLM",
-    "AsyncEngine",
-    "CacheConfig",
-    "ChatTemplateError",
-    "Completion",
-    "CompletionOutput",
-    "ContextLengthExceeded",
-    "EngineConfig",
-    "EngineDead",
-    "EngineOverloaded",
-    "EngineStats",
-    "GenerationResult",
-    "LLMEngine",
-    "ModelConfig",
-    "RequestError",
-    "RequestOutput",
-    "SamplingParams",
-    "SamplingParamsError",
-    "SchedulerConfig",
-    "TokenLogprob",
-    "Tokenizer",
-]
+import importlib
+from typing import Any
+
+# Exported name -> the module that defines it.
+_EXPORTS = {
+    "AsyncEngine": "engine.async_engine",
+    "CacheConfig": "engine.config",
+    "EngineConfig": "engine.config",
+    "ModelConfig": "engine.config",
+    "SchedulerConfig": "engine.config",
+    "ContextLengthExceeded": "engine.errors",
+    "EngineDead": "engine.errors",
+    "EngineOverloaded": "engine.errors",
+    "RequestError": "engine.errors",
+    "LLM": "engine.llm",
+    "Completion": "engine.llm",
+    "GenerationResult": "engine.llm",
+    "LLMEngine": "engine.llm_engine",
+    "CompletionOutput": "engine.outputs",
+    "EngineStats": "engine.outputs",
+    "RequestOutput": "engine.outputs",
+    "TokenLogprob": "engine.outputs",
+    "SamplingParams": "engine.sampling_params",
+    "SamplingParamsError": "engine.sampling_params",
+    "ChatTemplateError": "engine.tokenizer",
+    "Tokenizer": "engine.tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+

@@ -139,3 +139,35 @@ def test_every_knob_has_a_flag_and_help() -> None:
     help_text = build_arg_parser().format_help()
     for knob in KNOBS:
         assert knob.flag in help_text
+
+
+def _modules_imported(*args: str) -> tuple[int, set[str]]:
+    """Exit code and the top-level modules a fresh interpreter imported running `args`."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", *args], capture_output=True, text=True, timeout=120
+    )
+    # -X importtime writes "import time: self | cumulative | module" lines to stderr.
+    names = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    return proc.returncode, names
+
+
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (["-c", "import sys, server.settings; assert 'torch' not in sys.modules"], 0),
+        (["-m", "server", "--help"], 0),
+        (["-m", "server", "--port", "eighty"], 2),  # a settings error
+    ],
+)
+def test_help_and_settings_errors_do_not_load_torch(args, code) -> None:
+    returncode, modules = _modules_imported(*args)
+    assert returncode == code
+    assert "server" in modules and "engine" in modules
+    assert "torch" not in modules
