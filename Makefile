@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 MODEL ?= smollm2-135m-instruct
 ARGS ?=
 
-.PHONY: install install-dev serve test lint
+.PHONY: install install-dev serve test test-fast lint
 
 # The convert extra (transformers, gguf) turns the catalogue's GGUF files into Hugging Face
 # directories on first use; the server itself never imports it.
@@ -30,6 +30,10 @@ serve: install
 
 test: install-dev
 	$(PY) -m pytest -q $(ARGS)
+
+# The pure-Python core and the server's protocol layer: no model, no server, no kernel build.
+test-fast: install-dev
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: install-dev
 	$(PY) -m ruff check engine server tests benchmarks

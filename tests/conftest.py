@@ -8,6 +8,16 @@ import pytest
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+# A test that uses any of these (directly or through another fixture) loads a model, builds the
+# kernels or starts a server: it is marked slow. Tests that do so without them say so themselves.
+SLOW_FIXTURES = {"default_model_dir", "tiny_llama", "tiny_qwen2", "kernel_path"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def write_tiny_checkpoint(path: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
     """A randomly initialised transformers model of `model_type`, saved as safetensors."""

@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytestmark = pytest.mark.slow  # real or tiny model weights, kernel builds or servers
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVE = REPO_ROOT / "benchmarks" / "serve.py"
 PROMPTS = REPO_ROOT / "benchmarks" / "prompts_v1.json"

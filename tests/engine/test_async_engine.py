@@ -9,6 +9,8 @@ import pytest
 from engine import AsyncEngine, ContextLengthExceeded, EngineConfig, SamplingParams
 from tests.conftest import write_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # real or tiny model weights, kernel builds or servers
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 

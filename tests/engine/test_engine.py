@@ -11,6 +11,8 @@ from engine import LLM, CacheConfig, EngineConfig, LLMEngine, SamplingParams
 from engine.llm import Completion, GenerationResult, accumulate
 from tests.conftest import write_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # real or tiny model weights, kernel builds or servers
+
 MAX_TOKENS = 24
 CHATS = [
     "Hi!",

@@ -12,6 +12,8 @@ import pytest
 
 from engine.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
 
+pytestmark = pytest.mark.slow  # real or tiny model weights, kernel builds or servers
+
 REPLACEMENT_CHAR = "\ufffd"
 
 

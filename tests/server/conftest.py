@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,3 +191,16 @@ def assert_error(
     assert isinstance(error["message"], str) and error["message"]
     assert (error["type"], error["param"], error["code"]) == (type, param, code), error
     return error
+
+
+# Long enough for a busy 2-core host; a condition that never holds still fails.
+WAIT_TIMEOUT_S = 30.0
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT_TIMEOUT_S) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.02)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real or tiny model weights, kernel builds or servers
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 DOC_URL = "http://127.0.0.1:8000"
 
