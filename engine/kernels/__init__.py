@@ -1,4 +1,5 @@
-"""Fused CPU kernels (cpu_ops.cpp), compiled on first use and cached under $KESTREL_HOME.
+"""Fused CPU kernels (the C++ sources in this folder), compiled on first use and cached under
+$KESTREL_HOME.
 
 `ops()` returns `torch.ops.kestrel` once the library is loaded, or None where it cannot be
 (no C++ compiler, or KESTREL_KERNELS=0): every caller keeps an eager torch path that computes
@@ -22,7 +23,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+KERNEL_DIR = Path(__file__).parent
+# One library from every .cpp here; each file registers its ops with TORCH_LIBRARY_FRAGMENT
+# (cpu_ops.cpp holds the TORCH_LIBRARY itself). Headers count for the build's cache key.
+SOURCES = sorted(KERNEL_DIR.glob("*.cpp"))
 # OpenMP so that at::parallel_for runs in parallel: the library links libgomp.so.1, which
 # resolves to the copy torch has already loaded, so there is still one thread pool.
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -139,7 +143,8 @@ def library_path() -> Path:
 
     # -march=native code is only good for this CPU: the build is keyed by its feature flags too.
     digest = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode() + _cpu_flags()
+        b"".join(path.read_bytes() for path in SOURCES + sorted(KERNEL_DIR.glob("*.h")))
+        + " ".join(FLAGS).encode() + torch.__version__.encode() + _cpu_flags()
     )
     return kestrel_home() / "kernels" / digest.hexdigest()[:16] / "kestrel_cpu_ops.so"
 
@@ -182,7 +187,7 @@ def _build(library: Path) -> None:
     try:
         load(  # also loads it into this process
             name="kestrel_cpu_ops",
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in SOURCES],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(scratch),
