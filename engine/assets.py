@@ -54,6 +54,12 @@ class CatalogueEntry:
     generation_defaults: dict[str, float | int] = field(default_factory=dict, hash=False)
     # A tokenizers normalizer the GGUF does not record but the upstream tokenizer.json has.
     normalizer: str | None = None
+    # The GGUF's quantization, as in its file name: `<name>-<quantization>` serves the GGUF as is.
+    quantization: str = ""
+
+    @property
+    def gguf_name(self) -> str:
+        return f"{self.name}-{self.quantization}"
 
 
 CATALOGUE: dict[str, CatalogueEntry] = {
@@ -67,6 +73,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             architecture="llama",
             description="SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to bf16)",
             eos_token_ids=(2,),  # <|im_end|>, as upstream's generation_config.json
+            quantization="q4_1",
         ),
         CatalogueEntry(
             name="qwen2.5-coder-0.5b-instruct",
@@ -85,9 +92,12 @@ CATALOGUE: dict[str, CatalogueEntry] = {
                 "repetition_penalty": 1.05,
             },
             normalizer="NFC",
+            quantization="q4_k_m",
         ),
     )
 }
+# The same files served as they are, quantized blocks and all: `<name>-<quantization>`.
+GGUF_CATALOGUE: dict[str, CatalogueEntry] = {entry.gguf_name: entry for entry in CATALOGUE.values()}
 
 
 def kestrel_home() -> Path:
@@ -104,11 +114,22 @@ def model_path(name: str) -> Path:
     return models_dir() / get_entry(name).name
 
 
+def gguf_path(name: str) -> Path:
+    """Where a catalogue model's verified GGUF file is kept (whether or not it exists)."""
+    return kestrel_home() / "gguf" / f"{get_entry(name).name}.gguf"
+
+
 def get_entry(name: str) -> CatalogueEntry:
-    try:
-        return CATALOGUE[name]
-    except KeyError:
-        raise AssetError(f"unknown model {name!r}; known models: {_known_names()}") from None
+    """The catalogue entry of a model name, converted (`name`) or as is (`<name>-<quantization>`)."""
+    entry = CATALOGUE.get(name) or GGUF_CATALOGUE.get(name)
+    if entry is None:
+        raise AssetError(f"unknown model {name!r}; known models: {_known_names()}")
+    return entry
+
+
+def entry_of_gguf(path: Path) -> CatalogueEntry | None:
+    """The catalogue entry whose kept GGUF file `path` is, if any."""
+    return next((e for e in CATALOGUE.values() if path == gguf_path(e.name)), None)
 
 
 def is_complete(model_dir: Path) -> bool:
@@ -139,30 +160,65 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
     return target
 
 
+def fetch_gguf(name: str, *, progress: bool = True) -> Path:
+    """Download and verify a catalogue model's GGUF file once; return its path."""
+    entry = get_entry(name)
+    target = gguf_path(entry.name)
+    verified = target.with_name(target.name + ".verified")  # written once the digest matched
+    if verified.is_file() and target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(target.parent / f".{entry.name}.lock"):
+            if verified.is_file() and target.is_file():  # another process finished it meanwhile
+                return target
+            if target.is_file():  # kept by an earlier version, or interrupted before the marker
+                with contextlib.suppress(AssetError):
+                    verify_sha256(target, entry.sha256)
+                    verified.write_text(entry.sha256 + "\n")
+                    return target
+            work = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=target.parent))
+            try:
+                os.replace(_download_gguf(entry, work, progress=progress), target)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            verified.write_text(entry.sha256 + "\n")
+    except OSError as exc:  # disk full, read-only cache, ...
+        raise AssetError(f"fetching {entry.name} failed: {exc}") from None
+    return target
+
+
 def _build(entry: CatalogueEntry, target: Path, *, progress: bool) -> None:
     """Build in a temp dir beside `target` and rename it into place; called with the lock held."""
     _remove_stale_temps(entry.name)
+    source = fetch_gguf(entry.name, progress=progress)
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=target.parent))
     try:
-        gguf_path = _download_gguf(entry, work, progress=progress)
         build = work / "model"
-        convert_gguf(gguf_path, build, entry, progress=progress)
+        convert_gguf(source, build, entry, progress=progress)
         _install(build, target, work, entry)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def resolve_model(name_or_dir: str, *, progress: bool = True) -> Path:
-    """An existing model directory as is, else a catalogue name fetched if absent."""
-    path = Path(name_or_dir).expanduser()
+def resolve_model(name_or_path: str, *, progress: bool = True) -> Path:
+    """An existing model directory or GGUF file as is, else a catalogue name fetched if absent:
+    the converted directory for `<name>`, the GGUF file for `<name>-<quantization>`."""
+    path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise AssetError(f"{path} is not a Hugging Face model directory (no config.json)")
         return path
-    if name_or_dir in CATALOGUE:
-        return fetch(name_or_dir, progress=progress)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise AssetError(f"{path} is not a GGUF file (no .gguf suffix) nor a model directory")
+        return path
+    if name_or_path in CATALOGUE:
+        return fetch(name_or_path, progress=progress)
+    if name_or_path in GGUF_CATALOGUE:
+        return fetch_gguf(name_or_path, progress=progress)
     raise AssetError(
-        f"{name_or_dir!r} is neither a model directory nor a known model; "
+        f"{name_or_path!r} is neither a model directory, a GGUF file nor a known model; "
         f"known models: {_known_names()}"
     )
 
@@ -447,7 +503,7 @@ def _say(progress: bool, message: str) -> None:
 
 
 def _known_names() -> str:
-    return ", ".join(CATALOGUE)
+    return ", ".join([*CATALOGUE, *GGUF_CATALOGUE])
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:
@@ -474,6 +530,9 @@ def _list_models() -> None:
         default = " (default)" if entry.name == DEFAULT_MODEL else ""
         fetched = "yes" if is_complete(path) else "no"
         rows.append((entry.name + default, entry.architecture, fetched, str(path)))
+        path = gguf_path(entry.name)
+        fetched = "yes" if path.with_name(path.name + ".verified").is_file() else "no"
+        rows.append((entry.gguf_name, entry.architecture, fetched, str(path)))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])

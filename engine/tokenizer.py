@@ -237,7 +237,7 @@ def _as_id_list(value: Any) -> list[int]:
     return [int(v) for v in value]
 
 
-def _read_template_override(chat_template: str | Path) -> str:
+def read_template_override(chat_template: str | Path) -> str:
     if isinstance(chat_template, Path):
         if not chat_template.is_file():
             raise ChatTemplateError(f"chat template file not found: {chat_template}")
@@ -356,7 +356,7 @@ class Tokenizer:
             # tokenizer.json exists); honouring the flag keeps what the model was trained with.
             bos = _token_content(config.get("bos_token")) if config.get("add_bos_token") else None
             eos = _token_content(config.get("eos_token")) if config.get("add_eos_token") else None
-            _install_post_processor(backend, bos=bos, eos=eos)
+            install_post_processor(backend, bos=bos, eos=eos)
 
         gen = _read_json(model_dir / "generation_config.json")
         if not gen:
@@ -364,7 +364,7 @@ class Tokenizer:
 
         templates = _read_chat_templates(model_dir, config)
         if chat_template is not None:
-            templates = {"default": _read_template_override(chat_template)}
+            templates = {"default": read_template_override(chat_template)}
 
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
         if isinstance(extra, dict):
@@ -546,7 +546,7 @@ class Tokenizer:
         return compiled
 
 
-def _install_post_processor(
+def install_post_processor(
     backend: tokenizers.Tokenizer, bos: str | None, eos: str | None
 ) -> None:
     specials = [(t, backend.token_to_id(t)) for t in (bos, eos) if t is not None]
