@@ -89,7 +89,7 @@ def main() -> None:
         import transformers
 
         reference = transformers.AutoModelForCausalLM.from_pretrained(
-            engine.model_dir, dtype=getattr(torch, args.dtype)
+            engine.model_path, dtype=getattr(torch, args.dtype)
         ).eval()
     pad_id = engine.tokenizer.pad_token_id or 0
 

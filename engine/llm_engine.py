@@ -3,41 +3,30 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from engine import kernels
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig
 from engine.errors import ContextLengthExceeded, RequestError
 from engine.kv_cache import allocate_kv_cache, num_kv_blocks
-from engine.loader import available_memory_bytes, load_model
+from engine.loader import available_memory_bytes, weight_bytes
 from engine.model_runner import ModelRunner, ModelRunnerOutput
+from engine.model_source import open_model
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from engine.request import FinishReason, Request, Sequence
 from engine.sampler import Sampler
-from engine.sampling_params import GENERATION_CONFIG_KEYS, SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence, Scheduler
 from engine.stopping import check_token_stop, find_stop_string, num_held_back_chars
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
-def load_generation_defaults(model_dir: Path) -> dict[str, Any]:
-    """Sampling defaults the model's authors set in generation_config.json."""
-    path = model_dir / "generation_config.json"
-    if not path.exists():
-        return {}
-    config = json.loads(path.read_text())
-    return {key: config[key] for key in GENERATION_CONFIG_KEYS if key in config}
 
 
 class LLMEngine:
@@ -52,13 +41,12 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
-        from engine.assets import resolve_model  # keeps `python -m engine.assets` free of torch
-
-        self.model_dir = resolve_model(config.model)
-        self.model_name = config.model if not Path(config.model).is_dir() else self.model_dir.name
-        self.model_config = ModelConfig.from_pretrained(self.model_dir)
-        self.tokenizer = Tokenizer.from_pretrained(self.model_dir, chat_template=config.chat_template)
-        self.generation_defaults = load_generation_defaults(self.model_dir)
+        source = open_model(config.model, chat_template=config.chat_template)
+        self.model_path = source.path  # a Hugging Face directory or a GGUF file
+        self.model_name = source.name
+        self.model_config = source.config
+        self.tokenizer = source.tokenizer
+        self.generation_defaults = source.generation_defaults
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
@@ -66,7 +54,7 @@ class LLMEngine:
         self.device = torch.device(config.device)
         dtype = DTYPES[config.dtype]
         kernels.available_on(self.device)  # builds them now rather than on the first request
-        self.model = load_model(self.model_dir, self.model_config, dtype, self.device)
+        self.model = source.load(dtype, self.device)
 
         block_size = config.cache.block_size
         memory = config.cache.memory_bytes or int(available_memory_bytes() * config.cache.memory_fraction)
@@ -89,11 +77,14 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
+        self.num_weight_bytes = weight_bytes(self.model)
         logger.info(
-            "engine ready: %s (%s, %s), max_model_len %d, %d KV blocks of %d tokens, %s kernels",
-            self.model_name, self.model_config.model_type, config.dtype, self.max_model_len,
-            num_blocks, block_size, "fused CPU" if self.runner.fused_attention else "eager torch",
-        )
+            "engine ready: %s (%s, %s), weights %.1f MiB, max_model_len %d, %d KV blocks of %d "
+            "tokens, %s kernels",
+            self.model_name, self.model_config.model_type, config.dtype, self.num_weight_bytes / 2**20,
+            self.max_model_len, num_blocks, block_size,
+            "fused CPU" if self.runner.fused_attention else "eager torch",
+        )  # fmt: skip
 
     # -- requests -------------------------------------------------------------------------
 
@@ -320,5 +311,6 @@ class LLMEngine:
             num_accepted_draft_tokens=self.speculator.num_accepted_tokens,
             num_prefix_queried_tokens=self.scheduler.num_prefix_queried_tokens,
             num_prefix_hit_tokens=self.scheduler.num_prefix_hit_tokens,
+            num_weight_bytes=self.num_weight_bytes,
         )
 

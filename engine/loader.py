@@ -50,23 +50,38 @@ def load_model(
     """Build the model for `model_dir` with uninitialised storage and fill it from safetensors."""
     model_dir = Path(model_dir)
     config = config or ModelConfig.from_pretrained(model_dir)
-    cls = model_class(config)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.to_empty(device=device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model = build_empty_model(config, dtype, device)
     load_weights(model, iter_checkpoint(model_dir))
     # The AMX kernel needs its own copy of the weights beside oneDNN's packed one: worth it for
     # small models, not for one whose second copy would crowd out the rest of the memory.
     pack_linear_weights(model, amx_copy_budget=available_memory_bytes() // 4)
     model.finish_loading()
     return model.eval()
+
+
+def build_empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """The model for `config` with uninitialised storage of `dtype` on `device`."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = model_class(config)(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the weights take as they run: parameters, pre-packed copies and quantized blocks
+    (modules list what they hold besides parameters in `weight_tensors()`), each once."""
+    tensors = {id(p): p for p in model.parameters()}
+    for module in model.modules():
+        if hasattr(module, "weight_tensors"):
+            tensors.update((id(t), t) for t in module.weight_tensors())
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def available_memory_bytes() -> int:
@@ -92,7 +107,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     for name, tensor in weights:
         if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
-        target, shard = _target_of(name, fused)
+        target, shard = target_of(name, fused)
         if target not in params:
             raise LoadError(f"checkpoint tensor {name!r} has no matching parameter in the model")
         param = params[target]
@@ -119,7 +134,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
         )
 
 
-def _target_of(name: str, fused: dict[str, tuple[str, int]]) -> tuple[str, int | None]:
+def target_of(name: str, fused: dict[str, tuple[str, int]]) -> tuple[str, int | None]:
     """Parameter name and shard index for a checkpoint tensor name."""
     for hf_proj, (our_proj, shard) in fused.items():
         part = f".{hf_proj}."

@@ -50,3 +50,4 @@ class EngineStats:
     num_accepted_draft_tokens: int = 0  # of which the model confirmed
     num_prefix_queried_tokens: int = 0  # prefix caching: tokens of sequences looked up at admission
     num_prefix_hit_tokens: int = 0  # of which found cached
+    num_weight_bytes: int = 0  # the model's weights as they run (quantized blocks, packed copies)

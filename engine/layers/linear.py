@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import kernels
+from engine.layers.quantized import QuantizedWeight, quantized_linear
 
 # Up to this many rows (decode steps, and decodes with prompts joining them) the AMX kernel
 # beats oneDNN's packed matmul, whose fixed cost per call dominates with few rows. Measured on a
@@ -38,6 +39,7 @@ class Linear(nn.Linear):
     packed_weight: torch.Tensor | None = None
     amx_weight: torch.Tensor | None = None  # the same weight in the AMX kernel's tile layout
     fma_weight: torch.Tensor | None = None  # in the FMA kernel's panels, where there is no AMX
+    quant_parts: list[QuantizedWeight] | None = None  # GGUF blocks, kept quantized
 
     def pack(self, with_amx: bool = True) -> None:
         """Replace a bf16 weight on CPU by the layout of the kernel that will run it:
@@ -62,7 +64,16 @@ class Linear(nn.Linear):
             return
         self.weight = None  # forward needs only these (a tied embedding keeps its own)
 
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """What the layer computes with besides its parameters (see loader.weight_bytes)."""
+        held = [self.packed_weight, self.amx_weight, self.fma_weight]
+        held += [part.blocks for part in self.quant_parts or []]
+        return [t for t in held if t is not None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_parts is not None:
+            out = quantized_linear(x.reshape(-1, x.shape[-1]).contiguous(), self.quant_parts, self.bias)
+            return out.view(*x.shape[:-1], out.shape[-1])
         if self.fma_weight is not None:
             if x.dim() == 2 and x.stride(-1) == 1:  # the model's [tokens, features]
                 return kernels.ops().fma_linear(x, self.fma_weight, self.bias)

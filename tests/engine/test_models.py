@@ -12,41 +12,9 @@ from engine.config import ConfigError, ModelConfig
 from engine.loader import LoadError, load_model
 from tests.conftest import write_tiny_checkpoint
 from tests.engine.model_driver import greedy_generate, prefill_logits
+from tests.engine.parity import PROMPTS, check_parity, hf_greedy, hf_model
 
 pytestmark = pytest.mark.slow  # real or tiny model weights, kernel builds or servers
-
-PROMPTS = [[1, 5, 9, 200, 17], [1] + list(range(30, 70)), [1, 99], list(range(3, 40, 2))]
-
-
-def hf_model(path):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Exactly max_new_tokens greedy tokens: like the bare driver, transformers does not stop at eos."""
-    model.generation_config.eos_token_id = None
-    out = model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
-
-
-def check_parity(path) -> None:
-    ours = load_model(path, dtype=torch.float32)
-    ref = hf_model(path)
-    with torch.inference_mode():
-        expected = [ref(torch.tensor([p])).logits[0] for p in PROMPTS]
-    for got, want in zip(prefill_logits(ours, PROMPTS), expected, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    got_tokens = greedy_generate(ours, PROMPTS, 32)
-    assert got_tokens == [hf_greedy(ref, p, 32) for p in PROMPTS]
-
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_tiny_model_matches_transformers(tmp_path, model_type, kernel_path):

@@ -419,7 +419,7 @@ def test_metrics(http: httpx.Client, client: OpenAI) -> None:
                  "kestrel_e2e_request_latency_seconds_count", "kestrel_prompt_tokens_total",
                  "kestrel_generation_tokens_total", "kestrel_spec_decode_draft_tokens_total",
                  "kestrel_spec_decode_accepted_tokens_total", "kestrel_prefix_cache_queries_total",
-                 "kestrel_prefix_cache_hits_total"):  # fmt: skip
+                 "kestrel_prefix_cache_hits_total", "kestrel_model_weight_bytes"):  # fmt: skip
         assert float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1)) > 0, name
     for name in ("kestrel_num_requests_running", "kestrel_num_requests_waiting", "kestrel_kv_cache_blocks_used",
                  "kestrel_kv_cache_blocks_total", "kestrel_num_preemptions_total"):  # fmt: skip

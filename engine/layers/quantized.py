@@ -1,0 +1,65 @@
+"""Weights kept in GGUF's quantized blocks: linears and embeddings that read the blocks directly.
+
+A weight of `out_features` rows stays as the file stores it, uint8 [out_features, row_bytes],
+each row the blocks of one output feature along the input dim. The fused kernels
+(engine/kernels/quant_ops.cpp) unpack the blocks in registers: nothing is expanded to bf16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine import kernels
+
+# GGML block types the kernels read, by GGML type id (gguf.GGMLQuantizationType).
+QUANTIZED_TYPES = {
+    "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedWeight:
+    """Rows of a weight in GGUF blocks: `blocks` uint8 [out_features, row_bytes]."""
+
+    blocks: torch.Tensor
+    qtype: int  # the GGML type id of the blocks
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.blocks.shape[0]
+
+    @property
+    def num_bytes(self) -> int:
+        return self.blocks.numel()
+
+
+def quantized_linear(x: torch.Tensor, parts: list[QuantizedWeight], bias: torch.Tensor | None) -> torch.Tensor:
+    """x [rows, in_features] times the weight whose rows are `parts` in order (a fused
+    projection whose shards differ in block type has one part per run of equal types)."""
+    ops = kernels.ops()
+    outputs, start = [], 0
+    for part in parts:
+        part_bias = None if bias is None else bias[start : start + part.out_features]
+        outputs.append(ops.quant_linear(x, part.blocks, part.qtype, part.in_features, part_bias))
+        start += part.out_features
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embeddings whose looked-up rows are dequantized on the fly."""
+
+    def __init__(self, weight: QuantizedWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight_blocks = weight
+        self.dtype = dtype
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        return [self.weight_blocks.blocks]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        w = self.weight_blocks
+        return kernels.ops().quant_dequantize(w.blocks, w.qtype, w.in_features, input_ids, self.dtype)

@@ -1,0 +1,120 @@
+"""engine.gguf_model: GGUF files served as they are, against transformers on the weights they decode to."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from engine import kernels
+from engine.assets import fetch_gguf, resolve_model
+from engine.config import ModelConfig
+from engine.gguf_model import GGUFError, config_from_gguf, load_gguf_model, open_gguf
+from engine.loader import weight_bytes
+from engine.tokenizer import Tokenizer
+from tests.engine.parity import check_parity
+from tests.engine.tiny_gguf import write_tiny_gguf
+
+pytestmark = pytest.mark.slow  # tiny models through transformers, real GGUF files
+
+CHATS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+TINY_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # what the gguf package can quantize
+
+
+def quantized_kernels() -> bool:
+    return hasattr(kernels.ops(), "quant_linear")
+
+
+@pytest.mark.parametrize("qtype", TINY_TYPES)
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # llama: q / k rows permuted in the file
+def test_tiny_gguf_matches_transformers_on_its_decoded_weights(tmp_path, model_type, qtype):
+    path, reference_dir = write_tiny_gguf(tmp_path, model_type, qtype, tie_word_embeddings=model_type == "qwen2")
+    reader = open_gguf(path)
+    config = config_from_gguf(reader)
+    expected = ModelConfig.from_pretrained(reference_dir)
+    assert config == dataclasses.replace(expected, rms_norm_eps=float(np.float32(expected.rms_norm_eps)))
+    model = load_gguf_model(reader, config, torch.float32)
+    if quantized_kernels():  # the blocks stay blocks
+        layer = model.model.layers[0]
+        assert layer.self_attn.qkv_proj.weight is None and layer.self_attn.qkv_proj.quant_parts
+        assert layer.mlp.down_proj.quant_parts[0].qtype == gguf.GGMLQuantizationType[qtype]
+    check_parity(reference_dir, ours=model)
+
+
+def write_gguf(path, arch="llama", tensors=()):
+    writer = gguf.GGUFWriter(path, arch)
+    for name, data, qtype in tensors:
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_bad_files_get_one_line_errors(tmp_path):
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"GGML" + bytes(60))
+    with pytest.raises(GGUFError, match="not a readable GGUF file.*magic"):
+        open_gguf(not_gguf)
+
+    path, _ = write_tiny_gguf(tmp_path, "llama", "Q8_0")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        open_gguf(truncated)
+
+    other = write_gguf(tmp_path / "bert.gguf", arch="bert")
+    with pytest.raises(GGUFError, match="unsupported GGUF architecture general.architecture='bert'"):
+        config_from_gguf(open_gguf(other))
+
+
+def test_unknown_block_types_are_named(tmp_path):
+    path, _ = write_tiny_gguf(tmp_path, "llama", "Q8_0")
+    reader = open_gguf(path)
+    config = config_from_gguf(reader)
+    # The same file with one weight in a block type the kernels do not read.
+    iq = gguf.GGMLQuantizationType.IQ4_NL
+    tensors = [
+        (t.name, np.asarray(t.data), iq if t.name == "blk.1.ffn_down.weight" else t.tensor_type)
+        for t in reader.tensors
+    ]
+    odd = write_gguf(tmp_path / "odd.gguf", tensors=[t for t in tensors if t[0] != "blk.1.ffn_down.weight"]
+                     + [("blk.1.ffn_down.weight", np.zeros((64, 72), np.uint8), iq)])  # fmt: skip
+    with pytest.raises(GGUFError, match="unsupported GGUF block type IQ4_NL \\(tensor blk.1.ffn_down.weight\\)"):
+        load_gguf_model(open_gguf(odd), config, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_catalogue_gguf_config_equals_the_converted_directory(name):
+    entry_name = {"smollm2-135m-instruct": "smollm2-135m-instruct-q4_1",
+                  "qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b-instruct-q4_k_m"}[name]  # fmt: skip
+    path = resolve_model(entry_name)
+    assert path == fetch_gguf(name) and path.suffix == ".gguf"
+    reader = open_gguf(path)
+    assert config_from_gguf(reader) == ModelConfig.from_pretrained(resolve_model(name))
+
+
+@pytest.mark.skipif("not quantized_kernels()", reason="no quantized kernels")
+def test_smollm2_q4_1_weights_stay_quantized_and_agree_with_bf16():
+    """The Q4_1 file as is: its resident weights are no larger than the file, and its greedy
+    tokens mostly agree with the bf16 model converted from the same file."""
+    from engine.loader import load_model
+    from tests.engine.model_driver import greedy_generate
+
+    path = fetch_gguf("smollm2-135m-instruct")
+    reader = open_gguf(path)
+    config = config_from_gguf(reader)
+    model = load_gguf_model(reader, config, torch.bfloat16)
+    assert weight_bytes(model) <= 1.1 * path.stat().st_size
+    reference = load_model(resolve_model("smollm2-135m-instruct"), config, torch.bfloat16)
+    tokenizer = Tokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
+    ours, theirs = greedy_generate(model, prompts, 24), greedy_generate(reference, prompts, 24)
+    # Q4_1 decoded exactly (float32) vs rounded to bf16: near-ties may flip late in an answer.
+    assert all(a[:6] == b[:6] for a, b in zip(ours, theirs)), (ours, theirs)
+    same = sum(x == y for a, b in zip(ours, theirs) for x, y in zip(a, b))
+    assert same >= 0.6 * 24 * len(CHATS), (ours, theirs)
