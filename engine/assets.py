@@ -22,7 +22,7 @@ from typing import Any
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MARKER_FILE = ".kestrel-complete"
 # Bumped whenever conversion output changes, so older cached directories are rebuilt.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 REQUIRED_FILES = (
     "config.json",
     "model.safetensors",
@@ -52,8 +52,6 @@ class CatalogueEntry:
     eos_token_ids: tuple[int, ...] = ()
     # Sampling defaults for generation_config.json (temperature, top_p, ...).
     generation_defaults: dict[str, float | int] = field(default_factory=dict, hash=False)
-    # A tokenizers normalizer the GGUF does not record but the upstream tokenizer.json has.
-    normalizer: str | None = None
     # The GGUF's quantization, as in its file name: `<name>-<quantization>` serves the GGUF as is.
     quantization: str = ""
 
@@ -91,7 +89,6 @@ CATALOGUE: dict[str, CatalogueEntry] = {
                 "top_k": 20,
                 "repetition_penalty": 1.05,
             },
-            normalizer="NFC",
             quantization="q4_k_m",
         ),
     )
@@ -391,11 +388,13 @@ def _convert_tokenizer(gguf_path: Path, out_dir: Path, entry: CatalogueEntry, pr
         str(gguf_path.parent), gguf_file=gguf_path.name
     )
     tokenizer.save_pretrained(str(out_dir))
-    if entry.normalizer:
-        spec_path = out_dir / "tokenizer.json"
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-        spec["normalizer"] = {"type": entry.normalizer}
-        spec_path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    # NOTE: tokenizer.json is the one Kestrel builds from the GGUF when serving it as is, so the
+    # two agree: transformers knows no "smollm" pre-tokenizer (digits split) and the GGUF
+    # records no normalizer (Qwen's NFC); engine/gguf_tokenizer.py has both, as upstream does.
+    from engine.gguf_tokenizer import backend_from_gguf
+    from engine.gguf_model import open_gguf
+
+    backend_from_gguf(open_gguf(gguf_path)).save(str(out_dir / "tokenizer.json"))
     return tokenizer
 
 

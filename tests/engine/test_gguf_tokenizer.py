@@ -12,7 +12,7 @@ from pathlib import Path
 import gguf
 import pytest
 import tokenizers
-from tokenizers import pre_tokenizers
+from tokenizers import normalizers, pre_tokenizers
 
 from engine import assets
 from engine.gguf_tokenizer import (
@@ -244,8 +244,9 @@ class Case:
     name: str
     reader: gguf.GGUFReader
     ours: tokenizers.Tokenizer
-    converted: tokenizers.Tokenizer  # the converted directory's tokenizer.json, as is
-    reference: tokenizers.Tokenizer  # the same, with SmolLM2's upstream pre-tokenizer
+    converted: tokenizers.Tokenizer  # the converted directory's tokenizer.json
+    transformers: tokenizers.Tokenizer  # transformers' own conversion of the GGUF's tokenizer
+    reference: tokenizers.Tokenizer  # the same, with what upstream has that the GGUF does not say
     model_dir: Path
 
 
@@ -259,19 +260,29 @@ def upstream_smollm2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
+def transformers_conversion(path: Path) -> tokenizers.Tokenizer:
+    from transformers import AutoTokenizer
+
+    converted = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return tokenizers.Tokenizer.from_str(converted.backend_tokenizer.to_str())
+
+
 @functools.cache
 def load_case(name: str) -> Case:
     model_dir = assets.resolve_model(name, progress=False)
-    reader = gguf.GGUFReader(gguf_file(name))
-    spec = str(model_dir / "tokenizer.json")
-    reference = tokenizers.Tokenizer.from_file(spec)
-    if name == SMOLLM2:
+    path = gguf_file(name)
+    reader = gguf.GGUFReader(path)
+    reference = transformers_conversion(path)
+    if name == SMOLLM2:  # transformers knows no "smollm" pre-tokenizer
         reference.pre_tokenizer = upstream_smollm2_pre_tokenizer()
+    else:  # the GGUF records no normalizer; upstream Qwen2.5 has NFC
+        reference.normalizer = normalizers.NFC()
     return Case(
         name=name,
         reader=reader,
         ours=backend_from_gguf(reader),
-        converted=tokenizers.Tokenizer.from_file(spec),
+        converted=tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json")),
+        transformers=transformers_conversion(path),
         reference=reference,
         model_dir=model_dir,
     )
@@ -307,35 +318,29 @@ def space_before_number(text: str) -> bool:
 
 
 def test_backend_json_equals_converted_tokenizer_json(case: Case) -> None:
-    ours = json.loads(case.ours.to_str())
-    converted = read_json(case.model_dir / "tokenizer.json")
-    differing = sorted(k for k in ours.keys() | converted.keys() if ours.get(k) != converted.get(k))
-    if case.name == SMOLLM2:
-        # The converted tokenizer.json lost SmolLM2's digit split (transformers has no "smollm"
-        # pre-tokenizer); the GGUF's tokenizer.ggml.pre = "smollm" keeps it, as llama.cpp does.
-        assert differing == ["pre_tokenizer"]
-        assert converted["pre_tokenizer"]["type"] == "ByteLevel"
-        assert ours["pre_tokenizer"]["pretokenizers"][0]["pattern"] == {"Regex": r"\p{N}"}
-    else:
-        assert differing == []
+    """engine.assets writes the converted directory's tokenizer.json from the GGUF the same way,
+    so a model gives the same tokens served as GGUF or as its converted directory."""
+    assert json.loads(case.ours.to_str()) == read_json(case.model_dir / "tokenizer.json")
 
 
-def test_encode_matches_converted_tokenizer(case: Case) -> None:
+def test_encode_matches_upstream_reference(case: Case) -> None:
     mismatches = []
     num_digit_split_differences = 0
     for text in CORPUS:
         ours = case.ours.encode(text).ids
+        assert ours == case.converted.encode(text).ids
         if ours != case.reference.encode(text).ids:
             mismatches.append(text)
-        if ours != case.converted.encode(text).ids:
-            # Only SmolLM2's digit split may differ, and only where whitespace meets a number.
-            assert case.name == SMOLLM2 and space_before_number(text), repr(text)
-            num_digit_split_differences += 1
+        if ours != case.transformers.encode(text).ids:
+            # transformers' own conversion differs only by what upstream adds: SmolLM2's digit
+            # split where whitespace meets a number, Qwen's NFC on text that is not NFC.
+            if case.name == SMOLLM2:
+                assert space_before_number(text), repr(text)
+                num_digit_split_differences += 1
+            else:
+                assert unicodedata.normalize("NFC", text) != text, repr(text)
     assert mismatches == []
-    if case.name == SMOLLM2:
-        assert num_digit_split_differences > 0
-    else:
-        assert num_digit_split_differences == 0
+    assert (num_digit_split_differences > 0) == (case.name == SMOLLM2)
 
 
 def test_encode_without_special_tokens_matches(case: Case) -> None:
@@ -345,7 +350,7 @@ def test_encode_without_special_tokens_matches(case: Case) -> None:
 
 
 def test_smollm2_splits_digits_as_upstream() -> None:
-    ours, converted = load_case(SMOLLM2).ours, load_case(SMOLLM2).converted
+    ours, converted = load_case(SMOLLM2).ours, load_case(SMOLLM2).transformers
     text = "    1. item"
     assert ours.encode(text).tokens == ["ĠĠĠĠ", "1", ".", "Ġitem"]
     assert converted.encode(text).tokens == ["ĠĠĠ", "Ġ", "1", ".", "Ġitem"]
