@@ -162,6 +162,7 @@ class SchedulerConfig:
 class EngineConfig:
     model: str = "smollm2-135m-instruct"  # catalogue name or Hugging Face directory
     dtype: str = "bfloat16"  # bfloat16 | float32 | float16
+    quantization: str = "none"  # none | int8 | q4: linears quantized at load (engine/quantize.py)
     device: str = "cpu"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     chat_template: str | None = None  # path to a template overriding the model's

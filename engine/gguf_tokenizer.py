@@ -100,7 +100,8 @@ def backend_from_gguf(reader: gguf.GGUFReader) -> tokenizers.Tokenizer:
             f"supported: {', '.join(PRE_TOKENIZERS)}"
         )
     tokens: list[str] = _require(reader, "tokenizer.ggml.tokens")
-    merges: list[str] = _require(reader, "tokenizer.ggml.merges")
+    # A vocabulary of single bytes needs no merges (GGUFWriter drops an empty list).
+    merges: list[str] = _get(reader, "tokenizer.ggml.merges") or []
     token_types: list[int] = _get(reader, "tokenizer.ggml.token_type") or []
 
     # NOTE: every token goes into the BPE vocabulary (unused padding ones too), so ids are the

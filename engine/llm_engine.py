@@ -54,7 +54,7 @@ class LLMEngine:
         self.device = torch.device(config.device)
         dtype = DTYPES[config.dtype]
         kernels.available_on(self.device)  # builds them now rather than on the first request
-        self.model = source.load(dtype, self.device)
+        self.model = source.load(dtype, self.device, config.quantization)
 
         block_size = config.cache.block_size
         memory = config.cache.memory_bytes or int(available_memory_bytes() * config.cache.memory_fraction)

@@ -10,9 +10,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from engine.config import ModelConfig
+from engine import kernels
+from engine.config import ConfigError, ModelConfig
 from engine.layers.linear import MergedLinear, pack_linear_weights
 from engine.models import model_class
+from engine.quantize import quantize_model
 
 # Checkpoint tensors that carry nothing this implementation needs.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -46,12 +48,18 @@ def load_model(
     config: ModelConfig | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
+    quantization: str = "none",
 ) -> nn.Module:
-    """Build the model for `model_dir` with uninitialised storage and fill it from safetensors."""
+    """Build the model for `model_dir` with uninitialised storage and fill it from safetensors;
+    `quantization` (int8 | q4) puts the linears' weights in blocks (engine/quantize.py)."""
     model_dir = Path(model_dir)
     config = config or ModelConfig.from_pretrained(model_dir)
     model = build_empty_model(config, dtype, device)
     load_weights(model, iter_checkpoint(model_dir))
+    if quantization != "none":
+        if torch.device(device).type != "cpu" or not hasattr(kernels.ops(), "quant_linear"):
+            raise ConfigError(f"quantization {quantization!r} needs the fused CPU kernels (engine/kernels)")
+        quantize_model(model, quantization)
     # The AMX kernel needs its own copy of the weights beside oneDNN's packed one: worth it for
     # small models, not for one whose second copy would crowd out the rest of the memory.
     pack_linear_weights(model, amx_copy_budget=available_memory_bytes() // 4)

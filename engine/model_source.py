@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.config import ConfigError, ModelConfig
 from engine.sampling_params import GENERATION_CONFIG_KEYS
 from engine.tokenizer import Tokenizer
 
@@ -29,11 +29,15 @@ class ModelSource:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     _gguf: Any = None  # the open GGUF reader, dropped once the weights are loaded
 
-    def load(self, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    def load(self, dtype: torch.dtype, device: torch.device, quantization: str = "none") -> nn.Module:
+        """The model with its weights; `quantization` (int8 | q4) applies to a Hugging Face
+        directory's weights, a GGUF file's are quantized already."""
         if self._gguf is None:
             from engine.loader import load_model
 
-            return load_model(self.path, self.config, dtype, device)
+            return load_model(self.path, self.config, dtype, device, quantization)
+        if quantization != "none":
+            raise ConfigError(f"{self.path.name} is a GGUF file, quantized already: leave quantization at none")
         from engine.gguf_model import load_gguf_model
 
         model = load_gguf_model(self._gguf, self.config, dtype, device)

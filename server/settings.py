@@ -196,10 +196,11 @@ _opt_int = _optional(_at_least(_parse_int, 1))
 _opt_float = _optional(_parse_float)
 
 KNOBS: tuple[Knob, ...] = (
-    Knob("model", "model", _parse_str, "smollm2-135m-instruct", "catalogue name or Hugging Face model directory"),
+    Knob("model", "model", _parse_str, "smollm2-135m-instruct", "catalogue name, Hugging Face model directory or .gguf file"),
     Knob("model", "served_model_name", _optional(_parse_str), None, "the name clients send as `model`; unset: the model's name"),
     Knob("model", "model_aliases", _parse_list, (), "further names accepted as `model`"),
     Knob("model", "dtype", _choice(*DTYPES), "bfloat16", "weights and activations dtype"),
+    Knob("model", "quantization", _choice("none", "int8", "q4"), "none", "linears quantized at load: int8 (Q8_0 blocks) or q4 (Q4_1); a GGUF file keeps its own"),
     Knob("model", "device", _parse_str, "cpu", "torch device"),
     Knob("model", "max_model_len", _opt_int, None, "context length in tokens; unset: the model's max_position_embeddings"),
     Knob("model", "chat_template", _optional(_parse_str), None, "path to a chat template overriding the model's"),
@@ -363,6 +364,7 @@ def build_configs(values: Mapping[str, Any]) -> tuple[EngineConfig, ServerConfig
     engine_config = EngineConfig(
         model=values["model"],
         dtype=values["dtype"],
+        quantization=values["quantization"],
         device=values["device"],
         max_model_len=values["max_model_len"],
         chat_template=values["chat_template"],

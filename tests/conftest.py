@@ -10,7 +10,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # A test that uses any of these (directly or through another fixture) loads a model, builds the
 # kernels or starts a server: it is marked slow. Tests that do so without them say so themselves.
-SLOW_FIXTURES = {"default_model_dir", "tiny_llama", "tiny_qwen2", "kernel_path"}
+SLOW_FIXTURES = {"default_model_dir", "tiny_llama", "tiny_qwen2", "kernel_path", "quantized_kernels"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -112,3 +112,12 @@ def kernel_path(request, monkeypatch) -> str:
     if request.param == "eager":
         monkeypatch.setattr(kernels, "ops", lambda: None)
     return request.param
+
+
+@pytest.fixture
+def quantized_kernels() -> None:
+    """Skips a test where the kernels that read quantized blocks cannot be built."""
+    from engine import kernels
+
+    if not hasattr(kernels.ops(), "quant_linear"):
+        pytest.skip("quantized CPU kernels unavailable")

@@ -24,7 +24,7 @@ CHATS = ["What is the capital of France?", "Write a haiku about the sea.", "List
 TINY_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # what the gguf package can quantize
 
 
-def quantized_kernels() -> bool:
+def has_quantized_kernels() -> bool:
     return hasattr(kernels.ops(), "quant_linear")
 
 
@@ -37,7 +37,7 @@ def test_tiny_gguf_matches_transformers_on_its_decoded_weights(tmp_path, model_t
     expected = ModelConfig.from_pretrained(reference_dir)
     assert config == dataclasses.replace(expected, rms_norm_eps=float(np.float32(expected.rms_norm_eps)))
     model = load_gguf_model(reader, config, torch.float32)
-    if quantized_kernels():  # the blocks stay blocks
+    if has_quantized_kernels():  # the blocks stay blocks
         layer = model.model.layers[0]
         assert layer.self_attn.qkv_proj.weight is None and layer.self_attn.qkv_proj.quant_parts
         assert layer.mlp.down_proj.quant_parts[0].qtype == gguf.GGMLQuantizationType[qtype]
@@ -98,8 +98,7 @@ def test_catalogue_gguf_config_equals_the_converted_directory(name):
     assert config_from_gguf(reader) == ModelConfig.from_pretrained(resolve_model(name))
 
 
-@pytest.mark.skipif("not quantized_kernels()", reason="no quantized kernels")
-def test_smollm2_q4_1_weights_stay_quantized_and_agree_with_bf16():
+def test_smollm2_q4_1_weights_stay_quantized_and_agree_with_bf16(quantized_kernels):
     """The Q4_1 file as is: its resident weights are no larger than the file, and its greedy
     tokens mostly agree with the bf16 model converted from the same file."""
     from engine.loader import load_model
