@@ -29,6 +29,7 @@ class GenerationResult:
     prompt_token_ids: list[int]
     completions: list[Completion]
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
 
 
 class LLM:
@@ -64,6 +65,8 @@ class LLM:
 def accumulate(result: GenerationResult, output: RequestOutput) -> None:
     """Fold one step's deltas into a result."""
     result.error = result.error or output.error
+    if output.prompt_logprobs is not None:
+        result.prompt_logprobs = output.prompt_logprobs
     for delta in output.outputs:
         c = result.completions[delta.index]
         c.text += delta.text

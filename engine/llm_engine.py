@@ -14,11 +14,11 @@ from engine.config import EngineConfig
 from engine.errors import ContextLengthExceeded, RequestError
 from engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from engine.loader import available_memory_bytes, weight_bytes
-from engine.model_runner import ModelRunner, ModelRunnerOutput
+from engine.model_runner import ModelRunner, ModelRunnerOutput, PromptLogits
 from engine.model_source import open_model
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from engine.request import FinishReason, Request, Sequence
-from engine.sampler import Sampler
+from engine.sampler import Sampler, score_tokens
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence, Scheduler
 from engine.stopping import check_token_stop, find_stop_string, num_held_back_chars
@@ -174,6 +174,8 @@ class LLMEngine:
     @torch.inference_mode()
     def _run(self, scheduled: list[ScheduledSequence]) -> list[Sequence]:
         output = self.runner.execute(scheduled)
+        for part in output.prompt_logits:
+            self._score_prompt(scheduled[part.entry].seq.request, part)
         for entry in scheduled:
             entry.seq.num_computed_tokens += entry.num_new_tokens
         changed = self._sample(output, scheduled) if output.sampled else []
@@ -182,8 +184,22 @@ class LLMEngine:
             self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
         return changed
 
+    @staticmethod
+    def _score_prompt(request: Request, part: PromptLogits) -> None:
+        """Add the prompt tokens `part` scores; a recomputation (after preemption) adds none twice."""
+        scored = request.prompt_logprobs
+        tokens = request.prompt_token_ids[part.first_token : part.first_token + len(part.logits)]
+        skip = len(scored) - part.first_token  # already scored by an earlier computation
+        if skip < len(tokens):
+            num_top = request.params.prompt_logprobs
+            scored += score_tokens(part.logits[max(skip, 0) :], tokens[max(skip, 0) :], num_top)
+
     def _sample(self, output: ModelRunnerOutput, scheduled: list[ScheduledSequence]) -> list[Sequence]:
         logits, sampled, verified = output.logits, output.sampled, []
+        prompt_only = [i for i in sampled if scheduled[i].seq.request.params.max_tokens == 0]
+        if prompt_only:  # max_tokens 0: the prompt is computed (and scored), nothing is sampled
+            keep = [row for row, i in enumerate(sampled) if i not in prompt_only]
+            logits, sampled = logits[keep], [sampled[row] for row in keep]
         if any(scheduled[i].draft for i in sampled):
             split = self.speculator.split_rows(logits, sampled, scheduled)
             logits, sampled, verified = split.logits, split.sampled, split.verified
@@ -202,7 +218,12 @@ class LLMEngine:
             self.num_generated_tokens += len(seqs)
         for draft in verified:
             self.num_generated_tokens += self.speculator.accept(draft, self._append_token)
-        return seqs + [draft.entry.seq for draft in verified]
+        finished = []
+        for i in prompt_only:
+            for seq in scheduled[i].seq.request.sequences:  # siblings awaiting a fork too
+                seq.finish(FinishReason.LENGTH)
+                finished.append(seq)
+        return seqs + [draft.entry.seq for draft in verified] + finished
 
     def _fork_siblings(self, seq: Sequence) -> list[Sequence]:
         """After sequence 0 of an n > 1 request has prefilled, start its siblings on shared blocks.
@@ -260,10 +281,12 @@ class LLMEngine:
             finished = request.is_finished
             if finished:
                 del self.requests[request_id]
-            outputs.append(
-                RequestOutput(request_id, request.prompt_token_ids, deltas, finished,
-                              num_cached_tokens=request.num_cached_tokens or 0)
-            )
+            out = RequestOutput(request_id, request.prompt_token_ids, deltas, finished,
+                                num_cached_tokens=request.num_cached_tokens or 0)  # fmt: skip
+            if request.params.prompt_logprobs is not None and not request.has_reported_prompt_logprobs:
+                out.prompt_logprobs = request.prompt_logprobs
+                request.has_reported_prompt_logprobs = True
+            outputs.append(out)
         return outputs
 
     def _delta(self, seq: Sequence) -> CompletionOutput:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,6 +24,17 @@ class ModelRunnerOutput:
 
     logits: torch.Tensor  # float32 [num_rows, vocab_size]
     sampled: list[int]
+    prompt_logits: list[PromptLogits] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PromptLogits:
+    """The logits that score prompt tokens [first_token, first_token + len(logits)) of the
+    request of scheduled entry `entry` (prompt_logprobs): row j predicts token first_token + j."""
+
+    entry: int
+    first_token: int
+    logits: torch.Tensor  # float32 [num_tokens, vocab_size]
 
 
 class ModelRunner:
@@ -45,10 +56,18 @@ class ModelRunner:
         input_ids: list[int] = []
         tables, computed, new = [], [], []
         sample_rows, sampled = [], []
+        prompt_rows, prompt_spans = [], []  # prompt_logprobs: rows, and (entry, first token, count)
         row = -1
         for i, entry in enumerate(scheduled):
             seq, n, draft = entry.seq, entry.num_new_tokens, entry.draft
             start = seq.num_computed_tokens
+            if seq.request.params.prompt_logprobs is not None and seq.index == 0:
+                # The row at position p predicts token p + 1; the last prompt position's row
+                # predicts the first generated token and is sampled instead.
+                end = min(start + n, seq.num_prompt_tokens - 1)
+                if end > start:
+                    prompt_rows += range(row + 1, row + 1 + end - start)
+                    prompt_spans.append((i, start + 1, end - start))
             input_ids += seq.token_ids[start : start + n] + draft
             tables.append(self.block_manager.block_tables[seq.seq_id])
             computed.append(start)
@@ -62,10 +81,15 @@ class ModelRunner:
         self.num_kv_slots_used += meta.num_kv_slots_used
         ids = torch.tensor(input_ids, device=self.device)
         hidden = self.model(ids, positions, self.kv_caches, meta)  # [num_tokens, hidden_size]
+        prompt_logits = []
+        if prompt_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(prompt_rows, device=self.device)]).cpu()
+            chunks = logits.split([count for _, _, count in prompt_spans])
+            prompt_logits = [PromptLogits(i, first, chunk) for (i, first, _), chunk in zip(prompt_spans, chunks)]
         if not sample_rows:
-            return ModelRunnerOutput(hidden.new_empty(0, 0, dtype=torch.float32), [])
+            return ModelRunnerOutput(hidden.new_empty(0, 0, dtype=torch.float32), [], prompt_logits)
         rows = torch.tensor(sample_rows, device=self.device)
-        return ModelRunnerOutput(self.model.compute_logits(hidden[rows]).cpu(), sampled)
+        return ModelRunnerOutput(self.model.compute_logits(hidden[rows]).cpu(), sampled, prompt_logits)
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

@@ -10,6 +10,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the `logprobs` most likely (token_id, logprob), best first
+    rank: int | None = None  # 1 + how many tokens were more likely (prompt tokens only)
 
 
 @dataclass(slots=True)
@@ -35,6 +36,9 @@ class RequestOutput:
     finished: bool = False  # every sequence of the request has finished
     error: str | None = None  # set when the engine failed the request
     num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # With prompt_logprobs: one per prompt token (None for the first), in the first output
+    # after the whole prompt was computed; None in every other output.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(slots=True)

@@ -97,6 +97,10 @@ class Request:
     arrival_time: float
     sequences: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at admission
+    # prompt_logprobs: the prompt's tokens scored so far (None for the first), and whether they
+    # were handed out.
+    prompt_logprobs: list = field(default_factory=lambda: [None])
+    has_reported_prompt_logprobs: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -168,3 +168,20 @@ def _logprobs(
             top.sort(key=lambda entry: (-entry[1], entry[0]))
         result.append(TokenLogprob(int(token_ids[i]), chosen[i], top))
     return result
+
+
+def score_tokens(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[TokenLogprob]:
+    """Each given token's raw log-probability under its row of `logits` [n, vocab], its rank,
+    and the `num_top` most likely tokens (ties in token id order): prompt_logprobs."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(token_ids).unsqueeze(1)  # [n, 1]
+    chosen = logprobs.gather(1, ids)  # [n, 1]
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (None, None)
+    scored = []
+    for i, (token_id, logprob) in enumerate(zip(token_ids, chosen.squeeze(1).tolist())):
+        top = []
+        if num_top:
+            top = sorted(zip(top_ids[i].tolist(), top_values[i].tolist()), key=lambda e: (-e[1], e[0]))
+        scored.append(TokenLogprob(token_id, logprob, top, ranks[i]))
+    return scored

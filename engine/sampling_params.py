@@ -39,6 +39,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's plus the top k
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's plus the top k
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -65,8 +66,8 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _check_int(self.n, "n", 1, MAX_N)
-        if self.max_tokens is not None:
-            _check_int(self.max_tokens, "max_tokens", 1, None)
+        if self.max_tokens is not None:  # 0: score the prompt only (prompt_logprobs)
+            _check_int(self.max_tokens, "max_tokens", 0, None)
         _check_int(self.min_tokens, "min_tokens", 0, self.max_tokens)
         _check_float(self.temperature, "temperature", 0.0, 2.0)
         _check_float(self.top_p, "top_p", 0.0, 1.0)
@@ -88,8 +89,9 @@ class SamplingParams:
             raise SamplingParamsError("stop", "stop must be non-empty strings")
         for token_id in self.stop_token_ids:
             _check_int(token_id, "stop_token_ids", 0, None)
-        if self.logprobs is not None:
-            _check_int(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(getattr(self, name), name, 0, MAX_LOGPROBS)
 
 
 def _checked_logit_bias(logit_bias: dict) -> dict[int, float]:

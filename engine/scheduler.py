@@ -138,7 +138,9 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]  # holds no blocks yet
-            cached = bm.match_prefix(seq.token_ids)
+            # A prompt to score needs its logits at every position: nothing comes from the cache.
+            scores_prompt = seq.request.params.prompt_logprobs is not None
+            cached = [] if scores_prompt else bm.match_prefix(seq.token_ids)
             num_cached = len(cached) * bm.block_size
             num_new = min(len(seq.token_ids) - num_cached, budget)
             num_tokens = num_cached + num_new

@@ -214,6 +214,7 @@ class _SamplingFields(_Schema):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
+    prompt_logprobs: int | None = None  # each prompt token's logprob plus the top k
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -313,11 +314,6 @@ def check_completion_supported(request: CompletionRequest) -> None:
         raise unsupported("suffix", "suffix (fill-in-the-middle) is not supported")
     if request.best_of is not None and request.best_of != (request.n or 1):
         raise unsupported("best_of", "best_of other than n is not supported")
-    if request.echo and request.logprobs is not None:
-        raise unsupported(
-            "echo",
-            "echo together with logprobs is not supported (prompt logprobs are not computed)",
-        )
 
 
 def messages_for_template(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -371,9 +367,16 @@ def to_sampling_params(
             max_tokens, max_tokens_param = request.max_tokens, "max_tokens"
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         logprobs_param = "top_logprobs"
+        if max_tokens == 0:  # only completions score a prompt without generating (echo)
+            raise APIError(400, f"{max_tokens_param} must be at least 1, got 0", param=max_tokens_param,
+                           code="invalid_value")  # fmt: skip
     else:
         max_tokens, max_tokens_param = request.max_tokens, "max_tokens"
         logprobs, logprobs_param = request.logprobs, "logprobs"
+    prompt_logprobs = request.prompt_logprobs
+    if isinstance(request, CompletionRequest) and request.echo and logprobs is not None:
+        # echo with logprobs lists the prompt's tokens too (lm-evaluation-harness scores so).
+        prompt_logprobs = max(prompt_logprobs or 0, logprobs)
     merged_defaults = dict(defaults)
     if default_max_tokens is not None:
         merged_defaults.setdefault("max_tokens", default_max_tokens)
@@ -396,6 +399,7 @@ def to_sampling_params(
             stop_token_ids=request.stop_token_ids,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens,
         )
     except SamplingParamsError as exc:

@@ -452,6 +452,7 @@ class Serving:
                 ],
                 "usage": call.usage(),
                 "system_fingerprint": None,
+                **({"prompt_logprobs": self._prompt_logprobs(call, 0)} if request.prompt_logprobs is not None else {}),
             }
         )
 
@@ -525,10 +526,13 @@ class Serving:
             logprobs = None
             if params.logprobs is not None:
                 logprobs = self._completion_logprobs(c.logprobs, len(prefix))
-            body_choices.append(
-                {"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                 "stop_reason": c.stop_reason}
-            )  # fmt: skip
+                if echo:
+                    logprobs = self._echo_logprobs(call, i // n, logprobs)
+            choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                      "stop_reason": c.stop_reason}  # fmt: skip
+            if request.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self._prompt_logprobs(call, i // n)
+            body_choices.append(choice)
         return json_response(
             {
                 "id": call.api_id,
@@ -593,6 +597,37 @@ class Serving:
             "text_offset": text_offset,
         }
 
+    def _echo_logprobs(self, call: _Call, prompt_index: int, completion: dict[str, Any]) -> dict[str, Any]:
+        """Completions logprobs with the echoed prompt's tokens first, as OpenAI lists them:
+        the first prompt token has no logprob; `completion` follows."""
+        ids = call.prompts[prompt_index]
+        scored = call.prompt_logprobs[prompt_index] or [None] * len(ids)
+        prompt = self._completion_logprobs([lp for lp in scored if lp is not None], 0)
+        first = self.token_text.text(ids[0])
+        prompt["tokens"].insert(0, first)
+        prompt["token_logprobs"].insert(0, None)
+        prompt["top_logprobs"].insert(0, None)
+        prompt["text_offset"] = [0] + [offset + len(first) for offset in prompt["text_offset"]]
+        return {key: prompt[key] + completion[key] for key in prompt}
+
+    def _prompt_logprobs(self, call: _Call, prompt_index: int) -> list[dict[str, Any] | None]:
+        """vLLM's `prompt_logprobs`: per prompt token (None for the first), the token itself and
+        the top k, each as {token id: {logprob, rank, decoded_token}}."""
+        out: list[dict[str, Any] | None] = []
+        for lp in call.prompt_logprobs[prompt_index] or []:
+            if lp is None:
+                out.append(None)
+                continue
+            entries = {lp.token_id: (lp.logprob, lp.rank)}
+            for rank, (token_id, logprob) in enumerate(lp.top, start=1):
+                entries.setdefault(token_id, (logprob, rank))
+            out.append({
+                str(token_id): {"logprob": _logprob(logprob), "rank": rank,
+                                "decoded_token": self.token_text.text(token_id)}
+                for token_id, (logprob, rank) in entries.items()
+            })  # fmt: skip
+        return out
+
     async def _completion_chunks(
         self, call: _Call, include_usage: bool, echo: list[str] | None
     ) -> AsyncIterator[str]:
@@ -607,12 +642,19 @@ class Serving:
                 choice["stop_reason"] = call.choices[index].stop_reason
             return _sse_safe(head + dumps(choice) + "]" + tail)
 
-        if echo:
+        # With logprobs the echo waits for the engine's scores of the prompt (its first output).
+        echo_pending = set(range(len(call.choices))) if echo else set()
+        if echo and not want_logprobs:
             for i in range(len(call.choices)):
-                call.choices[i].text_offset = len(echo[i // n])
                 yield chunk(i, echo[i // n])
+            echo_pending.clear()
         async with contextlib.aclosing(call.deltas()) as deltas:
             async for index, delta in deltas:
+                if index in echo_pending:
+                    echo_pending.discard(index)
+                    prompt = self._echo_logprobs(call, index // n, self._completion_logprobs([], 0))
+                    call.choices[index].text_offset = len(echo[index // n])
+                    yield chunk(index, echo[index // n], logprobs=prompt)
                 logprobs = None
                 if want_logprobs:
                     choice = call.choices[index]
@@ -662,6 +704,8 @@ class _Call:
         self.choices = [_Choice() for _ in range(len(prompts) * params.n)]
         self.num_prompt_tokens = sum(len(p) for p in prompts)
         self.num_cached_tokens = [0] * len(prompts)  # per prompt, from the prefix cache
+        # prompt_logprobs: per prompt, once the engine has scored it
+        self.prompt_logprobs: list[list[TokenLogprob | None] | None] = [None] * len(prompts)
         self.timing = _Timing(serving.metrics, state.get("start_time") or time.perf_counter())
         self.group: RequestGroup | None = None
         self._recorded = False
@@ -692,6 +736,8 @@ class _Call:
                                    type="server_error", code="engine_error")  # fmt: skip
                 self._has_output = True
                 self.num_cached_tokens[prompt_index] = output.num_cached_tokens
+                if output.prompt_logprobs is not None:
+                    self.prompt_logprobs[prompt_index] = output.prompt_logprobs
                 self.timing.output(any(o.token_ids for o in output.outputs))
                 for out in output.outputs:
                     index = prompt_index * n + out.index
