@@ -10,7 +10,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # A test that uses any of these (directly or through another fixture) loads a model, builds the
 # kernels or starts a server: it is marked slow. Tests that do so without them say so themselves.
-SLOW_FIXTURES = {"default_model_dir", "tiny_llama", "tiny_qwen2", "kernel_path", "quantized_kernels"}
+SLOW_FIXTURES = {"default_model_dir", "tiny_llama", "tiny_qwen2", "kernel_path", "ops", "quantized_kernels"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -121,3 +121,15 @@ def quantized_kernels() -> None:
 
     if not hasattr(kernels.ops(), "quant_linear"):
         pytest.skip("quantized CPU kernels unavailable")
+
+
+@pytest.fixture
+def ops():
+    """The fused kernels (engine.kernels.ops()), built on first use, not at collection: `make
+    test-fast` never builds them. Skips where they cannot be built."""
+    from engine import kernels
+
+    library = kernels.ops()
+    if library is None:
+        pytest.skip("fused CPU kernels unavailable")
+    return library

@@ -36,8 +36,9 @@ _state: dict[str, object] = {}
 
 
 class KernelOps(Protocol):
-    """torch.ops.kestrel: the ops cpu_ops.cpp registers. fma_linear and decoder_layers exist
-    only in builds for CPUs with AVX2 + FMA, amx_linear only with AMX (check with hasattr)."""
+    """torch.ops.kestrel: the ops the sources register (quant_* in quant_ops.cpp, the rest in
+    cpu_ops.cpp). fma_linear and decoder_layers exist only in builds for CPUs with AVX2 + FMA,
+    amx_linear only with AMX (check with hasattr)."""
 
     def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
@@ -51,6 +52,12 @@ class KernelOps(Protocol):
     ) -> torch.Tensor: ...
     def fma_linear(self, x: torch.Tensor, w_panels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
     def amx_linear(self, x: torch.Tensor, w_tiles: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+    def quant_linear(
+        self, x: torch.Tensor, blocks: torch.Tensor, qtype: int, in_features: int, bias: torch.Tensor | None
+    ) -> torch.Tensor: ...
+    def quant_dequantize(
+        self, blocks: torch.Tensor, qtype: int, in_features: int, row_ids: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor: ...
     def decoder_layers(
         self, hidden: torch.Tensor, input_norms: list[torch.Tensor], post_norms: list[torch.Tensor],
         qkv_weights: list[torch.Tensor], qkv_biases: list[torch.Tensor | None], o_weights: list[torch.Tensor],

@@ -19,15 +19,6 @@ pytestmark = pytest.mark.slow  # real or tiny model weights, kernel builds or se
 
 
 
-@pytest.fixture
-def ops() -> kernels.KernelOps:
-    """The kernels, built on first use (not at collection: `make test-fast` never builds them)."""
-    library = kernels.ops()
-    if library is None:
-        pytest.skip("fused CPU kernels unavailable")
-    return library
-
-
 def test_the_kernels_build_where_a_compiler_is():
     """Everything below skips without the kernels: a broken build must fail here instead."""
     compiler = shutil.which(os.environ.get("CXX", "c++"))

@@ -1,0 +1,405 @@
+// A linear layer over GGUF quantized weights, kept quantized in memory (about a quarter of the
+// bf16 bytes at 4 bits), and the same blocks dequantized by rows for embedding lookups.
+//
+// quant_linear computes each output as the float32 sum over k of dequant(w[o, k]) * x[r, k],
+// plus the bias, rounded once to x's dtype. Weight values are decoded exactly as the gguf
+// package's reference does (quant_blocks.h), then multiplied in float32 by FMA.
+//
+// Summation order, the same whatever the batch (an output row never depends on the others, nor
+// on the thread count): one accumulator of L::N lanes per (output, row), lane l summing the
+// products at k = l, l + N, l + 2N, .. in order of k by FMA, then the lanes added in the fixed
+// tree of L::sum (or of L::sum_group, the same tree for many accumulators at once), then the
+// bias. Two regimes compute exactly that:
+//
+//   few rows (decode, M <= kDirectRows): a group of outputs' blocks is decoded in registers and
+//     each vector goes straight into the FMAs of every row; each weight byte is read once, and
+//     the groups ahead are prefetched.
+//   many rows: a group of outputs is decoded once into a float32 scratch panel, which tiles of
+//     rows then read, in passes of kPanelColumns columns (the accumulators kept in memory
+//     between passes); decoding is amortised over the rows.
+//
+// Threads split the output groups (at::parallel_for); every output is summed by one thread.
+// tests/engine/test_quant_ops.py checks the bits against gguf and across batches.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <type_traits>
+
+#include "quant_blocks.h"
+
+namespace {
+
+using namespace kestrel_quant;
+
+// Lanes, and the tile shapes per regime. Many rows: NO x MR accumulators, MR rows of x and
+// one weight vector in registers (AVX-512: 28 of 32; measured against 4x6, 6x4 and 12x2 on
+// Zen 4, AVX2: 15 of 16, against 3x3, 4x2, 4x3 and 8x2). Few rows: up to 16 accumulators
+// next to the decoder's temporaries.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+using Lanes = Avx512Lanes;
+constexpr int kPanelOutputs = 8, kTileRows = 3;
+template <int MR>
+constexpr int kDirectOutputs = 4;
+#elif defined(__AVX2__) && defined(__FMA__)
+using Lanes = Avx2Lanes;
+constexpr int kPanelOutputs = 6, kTileRows = 2;
+template <int MR>
+constexpr int kDirectOutputs = MR <= 2 ? 4 : 2;
+#else
+using Lanes = ScalarLanes;
+constexpr int kPanelOutputs = 2, kTileRows = 2;
+template <int MR>
+constexpr int kDirectOutputs = 2;
+#endif
+using F = Lanes::F;
+constexpr int64_t kDirectRows = 4;
+
+// sums[i] = Lanes::sum(acc[i]) for i < COUNT, to the bit, in groups where that is cheaper.
+template <int COUNT>
+KQ_INLINE void sum_all(const F* acc, float* sums) {
+  constexpr int G = Lanes::kSumGroup;
+  // NOTE: every index into acc is a compile-time constant, or gcc keeps acc in memory.
+  if constexpr (COUNT * 2 < G) {
+    unroll<COUNT>([&](auto i) { sums[i] = Lanes::sum(acc[i]); });
+  } else {
+    unroll<(COUNT + G - 1) / G>([&](auto g) {
+      auto get = [&](auto i) {
+        if constexpr (g * G + i < COUNT) return acc[g * G + i];
+        else return Lanes::zero();
+      };
+      if constexpr ((g + 1) * G <= COUNT) {
+        Lanes::sum_group(get, sums + g * G);
+      } else {
+        float out[G];
+        Lanes::sum_group(get, out);
+        for (int i = 0; i < COUNT - g * G; ++i) sums[g * G + i] = out[i];
+      }
+    });
+  }
+}
+
+// ---- Few rows: decode in registers -------------------------------------------------------------
+
+// How far ahead of the weights being read the decode regime prefetches: whole groups, at least
+// this many bytes. A group's NO rows lie next to each other and the groups follow each other,
+// but each row is a stream of its own, too short for the hardware prefetcher (SmolLM2's: 360
+// bytes). Prefetching the groups ahead in address order, a slice per block step, brought cold
+// weights from 4-6 GB/s to 8-16 GB/s on one core (prefetching each row ahead of itself did not).
+constexpr int64_t kPrefetchBytes = 4096;
+
+// Prefetches base + offset, which may lie past the end of the weights (harmless).
+KQ_INLINE void prefetch(const void* base, int64_t offset) {
+#if defined(__GNUC__)
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) + offset));
+#endif
+}
+
+// sums[r * NO + o] = the sum for output o (weight row rows[o]) and x row r. Groups of rows are
+// contiguous, one after the other (but for a short last group, where prefetching is harmless).
+template <typename Q, int NO, int MR>
+void direct_group(const uint8_t* const* rows, const float* x, int64_t K, float* sums) {
+  F acc[MR * NO];  // [r * NO + o]
+  unroll<MR * NO>([&](auto i) { acc[i] = Lanes::zero(); });
+  const int64_t blocks = K / Q::kBlock, group_bytes = NO * blocks * Q::kBytes;
+  const int64_t ahead = (kPrefetchBytes + group_bytes - 1) / group_bytes * group_bytes;
+  for (int64_t b = 0; b < blocks; ++b) {
+    // the bytes of one block step (NO blocks' worth) of a group `ahead` on
+    for (int line = 0; line < NO * Q::kBytes; line += 64) prefetch(rows[0], ahead + b * NO * Q::kBytes + line);
+    const float* xb = x + b * Q::kBlock;
+    unroll<NO>([&](auto o) {
+      Q::template decode<Lanes>(rows[o] + b * Q::kBytes, [&](int v, F w) {
+        unroll<MR>([&](auto r) { acc[r * NO + o] = Lanes::fma(w, Lanes::loadf(xb + r * K + v * Lanes::N), acc[r * NO + o]); });
+      });
+    });
+  }
+  sum_all<MR * NO>(acc, sums);
+}
+
+// ---- Many rows: decode once into a panel -------------------------------------------------------
+
+template <typename Q>
+void decode_row(const uint8_t* row, int64_t K, float* dst) {
+  for (int64_t b = 0; b < K / Q::kBlock; ++b)
+    Q::template decode<Lanes>(row + b * Q::kBytes, [&](int v, F w) { Lanes::storef(dst + b * Q::kBlock + v * Lanes::N, w); });
+}
+
+// Columns [k0, k1) of the panel ([NO, K] float32) against MR rows of x: the accumulators start
+// at zero (first) or from saved ([MR * NO, L::N] floats, as the previous columns left them), and
+// end in saved or, after the last columns, summed into sums[r * NO + o]. Saving them in between
+// changes no bit.
+template <int NO, int MR>
+void panel_tile(const float* panel, const float* x, int64_t K, int64_t k0, int64_t k1, float* saved, bool first,
+                bool last, float* sums) {
+  F acc[MR * NO];  // [r * NO + o]
+  unroll<MR * NO>([&](auto i) { acc[i] = first ? Lanes::zero() : Lanes::loadf(saved + i * Lanes::N); });
+  for (int64_t k = k0; k < k1; k += Lanes::N) {
+    // x in registers, each weight vector loaded once for MR FMAs (NO * MR + MR + 1 registers;
+    // opaque() keeps gcc from loading it again as an operand of each FMA, which made the tile
+    // bound by loads)
+    F xr[MR];
+    unroll<MR>([&](auto r) { xr[r] = Lanes::loadf(x + r * K + k); });
+    unroll<NO>([&](auto o) {
+      const F w = opaque_lanes<Lanes>(Lanes::loadf(panel + o * K + k));
+      unroll<MR>([&](auto r) { acc[r * NO + o] = Lanes::fma(w, xr[r], acc[r * NO + o]); });
+    });
+  }
+  if (last) {
+    sum_all<MR * NO>(acc, sums);
+  } else {
+    unroll<MR * NO>([&](auto i) { Lanes::storef(saved + i * Lanes::N, acc[i]); });
+  }
+}
+
+template <int NO, int MR = kTileRows>
+void panel_rows(int64_t rows, const float* panel, const float* x, int64_t K, int64_t k0, int64_t k1, float* saved,
+                bool first, bool last, float* sums) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return panel_rows<NO, MR - 1>(rows, panel, x, K, k0, k1, saved, first, last, sums);
+  }
+  panel_tile<NO, MR>(panel, x, K, k0, k1, saved, first, last, sums);
+}
+
+// ---- Both -----------------------------------------------------------------------------------
+
+// Output groups of NO: the last group's missing outputs repeat its last real one (computed and
+// dropped), so that every group runs the same code.
+template <int NO>
+void group_rows(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t g, const uint8_t** rows) {
+  for (int o = 0; o < NO; ++o) rows[o] = w + std::min(g * NO + o, N - 1) * row_bytes;
+}
+
+// out[r, o0 + o] = sums[r * NO + o] (+ bias), rounded once to R.
+template <int NO, typename R>
+void write_sums(const float* sums, int64_t rows, int64_t o0, int64_t N, const float* bias, R* out) {
+  const int64_t valid = std::min<int64_t>(NO, N - o0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < valid; ++o) {
+      const float s = sums[r * NO + o];
+      out[r * N + o0 + o] = static_cast<R>(bias ? s + bias[o0 + o] : s);
+    }
+}
+
+// Groups per parallel chunk: at least ~64K multiply-adds, below which a thread costs more than
+// it saves.
+int64_t grain(int64_t group_size, int64_t K, int64_t M) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, group_size * K * M));
+}
+
+template <typename Q, int MR, typename R>
+void linear_direct(const float* x, int64_t K, const uint8_t* w, int64_t N, const float* bias, R* out) {
+  constexpr int NO = kDirectOutputs<MR>;
+  const int64_t row_bytes = K / Q::kBlock * Q::kBytes, groups = (N + NO - 1) / NO;
+  at::parallel_for(0, groups, grain(NO, K, MR), [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t* rows[NO];
+      float sums[MR * NO];
+      group_rows<NO>(w, row_bytes, N, g, rows);
+      direct_group<Q, NO, MR>(rows, x, K, sums);
+      write_sums<NO>(sums, MR, g * NO, N, bias, out);
+    }
+  });
+}
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+
+// count floats on cache lines of their own (count may be 0)
+float* aligned_floats(int64_t count) {
+  const size_t bytes = (static_cast<size_t>(count) * sizeof(float) + 63) / 64 * 64 + 64;
+  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  TORCH_CHECK(p, "quant_linear: out of memory");
+  return p;
+}
+
+// Columns per pass over the rows: the panel's slice (AVX-512: 8 x 512 floats, 16 KB) stays in
+// L1 and the rows' slice (64 rows: 128 KB) in L2, where whole rows of Qwen's down projection
+// (4864 columns, 1.2 MB at 64 rows) did not fit.
+constexpr int64_t kPanelColumns = 512;
+
+template <typename Q, typename R>
+void linear_panels(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, R* out) {
+  constexpr int NO = kPanelOutputs;
+  const int64_t row_bytes = K / Q::kBlock * Q::kBytes, groups = (N + NO - 1) / NO;
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows, passes = (K + kPanelColumns - 1) / kPanelColumns;
+  at::parallel_for(0, groups, grain(NO, K, M), [&](int64_t begin, int64_t end) {
+    // [NO, K] float32, and the accumulators between passes, [tiles, kTileRows * NO, L::N]
+    const int64_t saved_floats = passes > 1 ? tiles * kTileRows * NO * Lanes::N : 0;
+    std::unique_ptr<float, FreeDeleter> panel(aligned_floats(NO * K)), saved(aligned_floats(saved_floats));
+    float sums[kTileRows * NO];
+    const int64_t group_bytes = NO * row_bytes, steps = passes * tiles;
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t* rows[NO];
+      group_rows<NO>(w, row_bytes, N, g, rows);
+      for (int o = 0; o < NO; ++o) decode_row<Q>(rows[o], K, panel.get() + o * K);
+      for (int64_t p = 0; p < passes; ++p) {
+        const int64_t k0 = p * kPanelColumns, k1 = std::min(K, k0 + kPanelColumns);
+        for (int64_t t = 0; t < tiles; ++t) {  // tiles of rows as even as can be, none over kTileRows
+          const int64_t m0 = t * M / tiles, m1 = (t + 1) * M / tiles, step = p * tiles + t;
+          // the next group's weights, a slice per step
+          for (int64_t off = step * group_bytes / steps; off < (step + 1) * group_bytes / steps; off += 64)
+            prefetch(w, (g + 1) * group_bytes + off);
+          const bool last = p == passes - 1;
+          panel_rows<NO>(m1 - m0, panel.get(), x + m0 * K, K, k0, k1, saved.get() + t * kTileRows * NO * Lanes::N,
+                         p == 0, last, sums);
+          if (last) write_sums<NO>(sums, m1 - m0, g * NO, N, bias, out + m0 * N);
+        }
+      }
+    }
+  });
+}
+
+template <typename Q, typename R>
+void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, R* out) {
+  switch (M) {
+    case 1: return linear_direct<Q, 1>(x, K, w, N, bias, out);
+    case 2: return linear_direct<Q, 2>(x, K, w, N, bias, out);
+    case 3: return linear_direct<Q, 3>(x, K, w, N, bias, out);
+    case 4: return linear_direct<Q, 4>(x, K, w, N, bias, out);
+    default: return linear_panels<Q>(x, M, K, w, N, bias, out);
+  }
+}
+static_assert(kDirectRows == 4, "linear() dispatches rows 1-4 to linear_direct");
+
+// ---- Checks ---------------------------------------------------------------------------------
+
+struct BlockShape {
+  int block, bytes;
+  const char* name;
+};
+
+BlockShape block_shape(const char* op, int64_t qtype) {
+  BlockShape shape{0, 0, nullptr};
+  const bool known = with_block_type(qtype, [&](auto q) {
+    using Q = decltype(q);
+    shape = {Q::kBlock, Q::kBytes, Q::kName};
+  });
+  TORCH_CHECK(known, op, ": unsupported qtype ", qtype, " (", ggml_type_name(qtype), "); supported: F32, F16, BF16, ",
+              "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K");
+  return shape;
+}
+
+// Checks blocks against qtype and in_features (row bytes included).
+void check_blocks(const char* op, const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
+  const BlockShape shape = block_shape(op, qtype);
+  TORCH_CHECK(blocks.device().is_cpu(), op, ": blocks must be on the CPU");
+  TORCH_CHECK(blocks.scalar_type() == at::kByte, op, ": blocks must be uint8, got ", blocks.scalar_type());
+  TORCH_CHECK(blocks.dim() == 2, op, ": blocks must be 2-d [out_features, row_bytes], got ", blocks.dim(), "-d");
+  TORCH_CHECK(blocks.is_contiguous(), op, ": blocks must be contiguous");
+  TORCH_CHECK(in_features > 0 && in_features % shape.block == 0, op, ": in_features ", in_features,
+              " is not a positive multiple of ", shape.name, "'s block size ", shape.block);
+  const int64_t row_bytes = in_features / shape.block * shape.bytes;
+  TORCH_CHECK(blocks.size(1) == row_bytes, op, ": blocks have ", blocks.size(1), " bytes per row, but ", shape.name,
+              " with in_features ", in_features, " needs ", row_bytes);
+}
+
+template <typename Fn>
+void with_output_type(at::ScalarType dtype, Fn&& fn) {
+  if (dtype == at::kFloat) {
+    fn(float{});
+  } else {
+    fn(c10::BFloat16{});
+  }
+}
+
+// ---- Ops ------------------------------------------------------------------------------------
+
+// out[M, N] = x[M, K] @ dequant(blocks)^T + bias, in x's dtype.
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, int64_t in_features,
+                        const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "quant_linear";
+  check_blocks(op, blocks, qtype, in_features);
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, op, ": x must be [rows, in_features=", in_features, "], got ",
+              x.sizes());
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  const int64_t M = x.size(0), K = in_features, N = blocks.size(0);
+  at::Tensor bias32;
+  if (bias) {
+    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be on the CPU");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat || bias->scalar_type() == x.scalar_type(), op,
+                ": bias must be float32 or x's dtype (", x.scalar_type(), "), got ", bias->scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [out_features=", N, "], got ", bias->sizes());
+    TORCH_CHECK(bias->is_contiguous(), op, ": bias must be contiguous");
+    bias32 = bias->to(at::kFloat);  // exact
+  }
+  at::Tensor out = at::empty({M, N}, x.options());  // [rows, out_features]
+  if (M == 0 || N == 0) return out;
+  const at::Tensor x32 = x.to(at::kFloat);  // [rows, in_features], exact
+  const float* xp = x32.data_ptr<float>();
+  const float* bp = bias ? bias32.data_ptr<float>() : nullptr;
+  const uint8_t* wp = blocks.data_ptr<uint8_t>();
+  with_block_type(qtype, [&](auto q) {
+    using Q = decltype(q);
+    with_output_type(x.scalar_type(), [&](auto r) {
+      using R = decltype(r);
+      linear<Q>(xp, M, K, wp, N, bp, reinterpret_cast<R*>(out.data_ptr()));
+    });
+  });
+  return out;
+}
+
+// The rows `row_ids` (all when None) of dequant(blocks), [n, in_features] in `dtype`.
+at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features,
+                            const c10::optional<at::Tensor>& row_ids, at::ScalarType dtype) {
+  constexpr const char* op = "quant_dequantize";
+  check_blocks(op, blocks, qtype, in_features);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, ": dtype must be float32 or bfloat16, got ", dtype);
+  const int64_t num_rows = blocks.size(0), K = in_features;
+  at::Tensor ids;
+  if (row_ids) {
+    TORCH_CHECK(row_ids->device().is_cpu(), op, ": row_ids must be on the CPU");
+    TORCH_CHECK(row_ids->scalar_type() == at::kLong || row_ids->scalar_type() == at::kInt, op,
+                ": row_ids must be int64 or int32, got ", row_ids->scalar_type());
+    ids = row_ids->reshape(-1).to(at::kLong).contiguous();  // [n]; checked in the loop below
+  }
+  const int64_t n = row_ids ? ids.numel() : num_rows;
+  at::Tensor out = at::empty({n, K}, blocks.options().dtype(dtype));  // [n, in_features]
+  if (n == 0) return out;
+  const int64_t* idp = row_ids ? ids.data_ptr<int64_t>() : nullptr;
+  const int64_t row_bytes = blocks.size(1);
+  const uint8_t* wp = blocks.data_ptr<uint8_t>();
+  with_block_type(qtype, [&](auto q) {
+    using Q = decltype(q);
+    with_output_type(dtype, [&](auto r) {
+      using R = decltype(r);
+      R* op_out = reinterpret_cast<R*>(out.data_ptr());
+      at::parallel_for(0, n, std::max<int64_t>(1, 16384 / K), [&](int64_t begin, int64_t end) {
+        std::unique_ptr<float[]> row32(std::is_same_v<R, float> ? nullptr : new float[K]);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t id = idp ? idp[i] : i;
+          TORCH_CHECK(id >= 0 && id < num_rows, op, ": row id ", id, " is out of range for ", num_rows, " rows");
+          const uint8_t* row = wp + id * row_bytes;
+          if constexpr (std::is_same_v<R, float>) {
+            decode_row<Q>(row, K, op_out + i * K);
+          } else {
+            decode_row<Q>(row, K, row32.get());
+            for (int64_t k = 0; k < K; ++k) op_out[i * K + k] = static_cast<R>(row32[k]);
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kestrel, m) {
+  m.def("quant_linear(Tensor x, Tensor blocks, int qtype, int in_features, Tensor? bias) -> Tensor");
+  m.def("quant_dequantize(Tensor blocks, int qtype, int in_features, Tensor? row_ids, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
+  m.impl("quant_linear", &quant_linear);
+  m.impl("quant_dequantize", &quant_dequantize);
+}
