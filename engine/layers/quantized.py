@@ -16,7 +16,8 @@ from engine import kernels
 
 # GGML block types the kernels read, by GGML type id (gguf.GGMLQuantizationType).
 QUANTIZED_TYPES = {
-    "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
+    "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
+    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
 }  # fmt: skip
 
 
