@@ -256,4 +256,4 @@ def test_a_later_chat_turn_reuses_the_earlier_turns_from_the_prefix_cache(real_s
     # The first turn's prompt, all of its whole blocks, came from the cache.
     assert outputs[-1].num_cached_tokens >= len(first.prompt_token_ids) // 16 * 16
     tokens = [t for o in outputs for t in o.outputs[0].token_ids]
-    assert tokens == hf_greedy(llm.engine.model_dir, [prompt], MAX_TOKENS)[0]
+    assert tokens == hf_greedy(llm.engine.model_path, [prompt], MAX_TOKENS)[0]
