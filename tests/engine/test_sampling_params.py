@@ -13,7 +13,7 @@ INVALID = [
     ({"n": 17}, "n"),
     ({"n": 2.0}, "n"),
     ({"n": True}, "n"),
-    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -1}, "max_tokens"),  # 0 scores a prompt only (prompt_logprobs)
     ({"max_tokens": True}, "max_tokens"),
     ({"min_tokens": -1}, "min_tokens"),
     ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),

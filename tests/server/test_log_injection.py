@@ -20,7 +20,7 @@ import pytest
 
 from server.logs import TRACEBACK_INDENT, EscapeFilter, escape, format_fields
 
-from .conftest import ServerProcess, start_server
+from .conftest import ServerProcess, start_server, wait_until
 
 FORGED = "2026-01-01 00:00:00,000 INFO kestrel.access: request_id=forged path=/ status=200"
 RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: \S")
@@ -151,6 +151,11 @@ def logged(
     server = start_server(
         default_model_dir, tmp_path_factory.mktemp("log-injection"), "--kv-cache-memory", "256MiB"
     )
+    # The start-up health checks' access lines may be written after the server answers: wait for
+    # one of our own before taking the offset where the tests' records begin.
+    marker = f"ready-{uuid.uuid4().hex}"
+    httpx.get(f"{server.base_url}/health", headers={"X-Request-Id": marker})
+    wait_until(lambda: f"request_id={marker}" in server.log(), "the marker request's access line")
     yield LoggedServer(server, len(server.log()))
     assert server.terminate() == 0, server.log()[-4000:]
 
