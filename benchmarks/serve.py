@@ -26,13 +26,14 @@ from typing import Any
 import httpx
 from peer import (
     PEERS,
-    REPO_ROOT,
     ManagedServer,
+    PeerError,
+    PeerLaunch,
+    PeerSetup,
     ServerStartError,
     free_port,
     kestrel_command,
     launched,
-    peer_model_name,
 )
 
 PROMPT_SET = Path(__file__).resolve().parent / "prompts_v1.json"
@@ -109,16 +110,17 @@ def load_prompt_set(path: Path) -> PromptSet:
 
 
 def make_levels(
-    concurrencies: list[int | None], rate: float, num_prompts: int | None
+    concurrencies: list[int | None], rate: float, num_prompts: list[int] | None
 ) -> list[Level]:
-    """Default request count: 4 x concurrency (at least 8), so a single-stream run stays short."""
+    """Default request count: 4 x concurrency (at least 8), so a single-stream run stays short.
+    `num_prompts` holds one count for every level, or one per level."""
 
-    def count(c: int | None) -> int:
+    def count(i: int, c: int | None) -> int:
         if num_prompts is not None:
-            return num_prompts
+            return num_prompts[i] if len(num_prompts) > 1 else num_prompts[0]
         return UNBOUNDED_NUM_PROMPTS if c is None else max(8, 4 * c)
 
-    return [Level(c, rate, count(c)) for c in concurrencies]
+    return [Level(c, rate, count(i, c)) for i, c in enumerate(concurrencies)]
 
 
 def arrival_offsets(num_requests: int, rate: float, seed: int) -> list[float]:
@@ -469,7 +471,8 @@ def server_table(server: dict[str, Any]) -> str:
         return f"{title}\nfailed to start: {server['start_error']}"
     levels = server["levels"]
     rows = [(label, [fmt(lookup(lv, path), d) for lv in levels]) for label, path, d in TABLE_ROWS]
-    lines = [title, format_table("", [lv["label"] for lv in levels], rows)]
+    lines = [title, *(f"  {line}" for line in server.get("settings", ()))]
+    lines.append(format_table("", [lv["label"] for lv in levels], rows))
     loads = "  ".join(
         f"{lv['label']} {lv['loadavg_1m'][0]:.1f}->{lv['loadavg_1m'][1]:.1f}" for lv in levels
     )
@@ -517,17 +520,23 @@ def normalize_url(url: str) -> str:
     return url.rstrip("/").removesuffix("/v1")
 
 
-def resolve_model_dir(name_or_dir: str) -> Path:
-    """A Hugging Face directory for a catalogue name (fetched on first use) or a directory."""
+def prepare_peer(args: argparse.Namespace, plan: Plan) -> PeerLaunch:
+    """Resolve the peer's model and settings before anything starts, so a missing model or build
+    fails the run at once."""
+    in_flight = [level.concurrency or level.num_requests for level in plan.levels]
+    setup = PeerSetup(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_concurrency=max(in_flight),
+        max_tokens=plan.max_tokens,
+        conversations=plan.prompts.conversations,
+        extra=shlex.split(args.peer_args),
+    )
     try:
-        from engine.assets import AssetError, resolve_model
-    except ImportError:  # running from a checkout without `pip install -e .`
-        sys.path.insert(0, str(REPO_ROOT))
-        from engine.assets import AssetError, resolve_model
-    try:
-        return resolve_model(name_or_dir).resolve()
-    except AssetError as exc:
-        raise SystemExit(str(exc)) from None
+        return PEERS[args.peer](setup)
+    except PeerError as exc:
+        raise SystemExit(f"--peer {args.peer}: {exc}") from None
 
 
 def benchmark_target(
@@ -561,17 +570,21 @@ def launch_and_benchmark(
     *,
     model: str | None,
     api_key: str | None = None,
+    settings: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Start a server, benchmark it, stop it; `model=None` asks the server which model it serves."""
+    """Start a server, benchmark it, stop it; `model=None` asks the server which model it serves.
+    `settings` (what makes the comparison fair) are printed and go into the report."""
     url = f"http://127.0.0.1:{port}"
     print(f"starting {name}: {shlex.join(command)}", file=sys.stderr, flush=True)
+    for line in settings:
+        print(f"  {line}", file=sys.stderr, flush=True)
     try:
         with launched(name, command, port, log_dir, plan.startup_timeout) as server:
             target = Target(name, url, model or served_model(url, api_key), api_key)
-            return benchmark_target(target, plan, server)
+            report = benchmark_target(target, plan, server)
     except (ServerStartError, httpx.HTTPError) as exc:
         print(f"{name}: {exc}", file=sys.stderr, flush=True)
-        return {
+        report = {
             "name": name,
             "url": url,
             "model": model,
@@ -580,6 +593,9 @@ def launch_and_benchmark(
             "command": shlex.join(command),
             "log": str(log_dir / f"{name}-{port}.log"),
         }
+    if settings:
+        report["settings"] = list(settings)
+    return report
 
 
 def first_and_last_line(text: str) -> str:
@@ -602,7 +618,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.startup_timeout,
         args.ignore_eos,
     )
-    model_dir = resolve_model_dir(args.model) if args.peer else None
+    peer = prepare_peer(args, plan) if args.peer else None
     target = url_target(args) if args.url else None
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="kestrel-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -625,14 +641,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 api_key=args.api_key,
             )
         ]
-    if model_dir is not None:
+    if peer is not None:
         port = free_port()
-        extra = shlex.split(args.peer_args)
-        command = PEERS[args.peer](
-            model_dir, port, dtype=args.dtype, device=args.device, extra=extra
+        servers.append(
+            launch_and_benchmark(
+                args.peer,
+                peer.command(port),
+                port,
+                plan,
+                log_dir,
+                model=peer.model,
+                settings=peer.settings,
+            )
         )
-        model = peer_model_name(model_dir)
-        servers.append(launch_and_benchmark(args.peer, command, port, plan, log_dir, model=model))
     is_empty = not any(log_dir.iterdir())  # nothing launched (--url)
     if not args.log_dir and (is_empty or not any(has_trouble(server) for server in servers)):
         shutil.rmtree(log_dir, ignore_errors=True)
@@ -737,6 +758,18 @@ def parse_concurrency(text: str) -> list[int]:
     return values
 
 
+def parse_num_prompts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("--num-prompts counts must be >= 1")
+    return values
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -751,8 +784,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--model",
-        help="catalogue name or Hugging Face directory: without --url, start Kestrel on "
-        "it; with --peer, the peer serves it too",
+        help="catalogue name, Hugging Face directory or .gguf file: without --url, start "
+        "Kestrel on it; with --peer, the peer serves it too (llama.cpp: its GGUF)",
     )
     p.add_argument(
         "--served-model", help="the request's `model` field (default: the first of /v1/models)"
@@ -775,9 +808,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--num-prompts",
-        type=int,
-        help="requests per level (default: max(8, 4 x concurrency); "
-        f"{UNBOUNDED_NUM_PROMPTS} without a limit)",
+        type=parse_num_prompts,
+        help="requests per level, or one count per --concurrency level separated by commas "
+        f"(default: max(8, 4 x concurrency); {UNBOUNDED_NUM_PROMPTS} without a limit)",
     )
     p.add_argument(
         "--max-tokens", type=int, default=128, help="max_tokens of every request (default: 128)"
@@ -824,13 +857,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not args.url and not args.model:
         p.error("give --url or --model")
     if args.peer and not args.model:
-        p.error("--peer needs --model (the directory both servers load)")
-    if args.num_prompts is not None and args.num_prompts < 1:
-        p.error("--num-prompts must be >= 1")
+        p.error("--peer needs --model (the model both servers load)")
     if args.concurrency is None:
         args.concurrency = (
             parse_concurrency(DEFAULT_CONCURRENCY) if math.isinf(args.request_rate) else [None]
         )
+    if args.num_prompts is not None and len(args.num_prompts) not in (1, len(args.concurrency)):
+        p.error("--num-prompts takes one count, or one per --concurrency level")
     return args
 
 
