@@ -46,6 +46,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import kernels  # noqa: E402
+from engine.layers.quantized import QuantizedWeight  # noqa: E402
+from engine.quantize import quantize_weight  # noqa: E402
 
 Tensor = torch.Tensor
 
@@ -269,8 +271,39 @@ def dyn_quant_run(group_size: int) -> Callable[[Tensor, Any], Tensor]:
     return run
 
 
+def gguf_prepare(qtype: str) -> Callable[[Tensor], Prepared]:
+    def prepare(w: Tensor) -> Prepared:
+        weight = quantize_weight(w, qtype)
+        return weight, weight.num_bytes
+
+    return prepare
+
+
+def gguf_effective(qtype: str) -> Callable[[Tensor], Tensor]:
+    def effective(w: Tensor) -> Tensor:
+        weight = quantize_weight(w, qtype)
+        return kernels.ops().quant_dequantize(weight.blocks, weight.qtype, weight.in_features, None, torch.float32)
+
+    return effective
+
+
+def gguf_run(op: str) -> Callable[[Tensor, Any], Tensor]:
+    def run(x: Tensor, weight: QuantizedWeight) -> Tensor:
+        return getattr(kernels.ops(), op)(x, weight.blocks, weight.qtype, weight.in_features, None)
+
+    return run
+
+
 def has_op(name: str) -> Callable[[], str | None]:
     return lambda: None if hasattr(torch.ops.aten, name) else f"torch.ops.aten.{name} is not in this build"
+
+
+def kestrel_op(name: str) -> Callable[[], str | None]:
+    def unavailable() -> str | None:
+        library = kernels.ops()
+        return None if library is not None and hasattr(library, name) else f"no kestrel.{name} in this build"
+
+    return unavailable
 
 
 def outputs_multiple_of(n: int) -> Callable[[int, int], str | None]:
@@ -299,6 +332,15 @@ def candidates() -> list[Candidate]:
             unavailable=fbgemm_unavailable,
         ),
     ]
+    for qtype in ("Q4_1", "Q8_0"):
+        table.append(Candidate(
+            f"kestrel quant_linear {qtype} bf16", bf16, gguf_prepare(qtype), gguf_run("quant_linear"),
+            effective=gguf_effective(qtype), unavailable=kestrel_op("quant_linear"),
+        ))
+        table.append(Candidate(
+            f"kestrel quant_dot_linear {qtype} bf16", bf16, gguf_prepare(qtype), gguf_run("quant_dot_linear"),
+            effective=gguf_effective(qtype), unavailable=kestrel_op("quant_dot_linear"),
+        ))
     for dtype, name in ((bf16, "bf16"), (fp32, "fp32")):
         table.append(Candidate(
             f"_weight_int8pack_mm {name}", dtype, int8pack_prepare(dtype), int8pack_run,

@@ -33,6 +33,7 @@
 #include <type_traits>
 
 #include "quant_blocks.h"
+#include "quant_dot.h"
 
 namespace {
 
@@ -268,6 +269,73 @@ void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, c
 }
 static_assert(kDirectRows == 4, "linear() dispatches rows 1-4 to linear_direct");
 
+// ---- Integer dot products (quant_dot.h) -----------------------------------------------------------
+
+#if defined(KESTREL_QUANT_DOT)
+// Outputs per group and rows per tile: NO * MR integer and as many float accumulators, next to
+// MR rows of x (AVX-512VL: 29 of 32 vector registers; AVX2: 13 of 16).
+#if defined(__AVX512VL__)
+constexpr int kDotOutputs = 3, kDotRows = 4;
+#else
+constexpr int kDotOutputs = 2, kDotRows = 2;
+#endif
+
+template <typename Q>
+constexpr bool has_dot_units = !std::is_void_v<typename dot::UnitsOf<Q>::type>;
+
+template <typename U, int NO, int MR = kDotRows>
+void dot_rows(int64_t rows, const dot::Panel& panel, const dot::QuantizedRows& x, int64_t row0, float* sums) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return dot_rows<U, NO, MR - 1>(rows, panel, x, row0, sums);
+  }
+  dot::tile<U, NO, MR>(panel, x, row0, sums);
+}
+
+template <typename T>
+struct AlignedBuffer {  // count T on cache lines of their own
+  std::unique_ptr<float, FreeDeleter> memory;
+  explicit AlignedBuffer(int64_t count) : memory(aligned_floats((count * sizeof(T) + 3) / 4)) {}
+  T* get() const { return reinterpret_cast<T*>(memory.get()); }
+};
+
+template <typename Q, typename R>
+void linear_dot(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, R* out) {
+  using U = typename dot::UnitsOf<Q>::type;
+  constexpr int NO = kDotOutputs, G = U::kGroups;
+  const int64_t chunks = (K / 32 + dot::kChunk - 1) / dot::kChunk;
+  const int64_t row_bytes = K / Q::kBlock * Q::kBytes, groups = (N + NO - 1) / NO;
+  AlignedBuffer<uint8_t> x_bytes(M * chunks * 256);
+  AlignedBuffer<float> x_d(M * chunks * dot::kChunk), x_sums(M * chunks * dot::kChunk);
+  const dot::QuantizedRows xq{x_bytes.get(), x_d.get(), x_sums.get(), chunks};
+  at::parallel_for(0, M, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) dot::quantize_row(x + r * K, K, xq, r);
+  });
+  const int64_t group_bytes = NO * row_bytes;
+  const int64_t ahead = (kPrefetchBytes + group_bytes - 1) / group_bytes * group_bytes;
+  const int64_t tiles = (M + kDotRows - 1) / kDotRows;
+  at::parallel_for(0, groups, grain(NO, K, M), [&](int64_t begin, int64_t end) {
+    AlignedBuffer<uint8_t> bytes(NO * chunks * 256);
+    AlignedBuffer<float> scale(NO * chunks * G * 8), offset(NO * chunks * dot::kChunk);
+    AlignedBuffer<int32_t> correct(NO * chunks * G * 8);
+    const dot::Panel panel{bytes.get(), scale.get(), correct.get(), offset.get(), chunks};
+    float sums[kDotRows * NO];
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t* rows[NO];
+      group_rows<NO>(w, row_bytes, N, g, rows);
+      for (int o = 0; o < NO; ++o) {
+        for (int64_t line = 0; line < row_bytes; line += 64) prefetch(rows[o], ahead + line);
+        dot::decode_row<Q, U>(rows[o], K, panel, o);
+      }
+      for (int64_t t = 0; t < tiles; ++t) {  // tiles of rows as even as can be, none over kDotRows
+        const int64_t m0 = t * M / tiles, m1 = (t + 1) * M / tiles;
+        dot_rows<U, NO>(m1 - m0, panel, xq, m0, sums);
+        write_sums<NO>(sums, m1 - m0, g * NO, N, bias, out + m0 * N);
+      }
+    }
+  });
+}
+#endif
+
 // ---- Checks ---------------------------------------------------------------------------------
 
 struct BlockShape {
@@ -311,10 +379,15 @@ void with_output_type(at::ScalarType dtype, Fn&& fn) {
 
 // ---- Ops ------------------------------------------------------------------------------------
 
-// out[M, N] = x[M, K] @ dequant(blocks)^T + bias, in x's dtype.
-at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, int64_t in_features,
-                        const c10::optional<at::Tensor>& bias) {
-  constexpr const char* op = "quant_linear";
+// A linear's checked arguments: x and the bias in float32 (exact), and the output to fill.
+struct LinearCall {
+  at::Tensor x32;     // [rows, in_features]
+  at::Tensor bias32;  // [out_features], or undefined
+  at::Tensor out;     // [rows, out_features] in x's dtype
+};
+
+LinearCall check_linear(const char* op, const at::Tensor& x, const at::Tensor& blocks, int64_t qtype,
+                        int64_t in_features, const c10::optional<at::Tensor>& bias) {
   check_blocks(op, blocks, qtype, in_features);
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
@@ -322,31 +395,63 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t q
   TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, op, ": x must be [rows, in_features=", in_features, "], got ",
               x.sizes());
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
-  const int64_t M = x.size(0), K = in_features, N = blocks.size(0);
-  at::Tensor bias32;
+  const int64_t N = blocks.size(0);
+  LinearCall call;
   if (bias) {
     TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be on the CPU");
     TORCH_CHECK(bias->scalar_type() == at::kFloat || bias->scalar_type() == x.scalar_type(), op,
                 ": bias must be float32 or x's dtype (", x.scalar_type(), "), got ", bias->scalar_type());
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [out_features=", N, "], got ", bias->sizes());
     TORCH_CHECK(bias->is_contiguous(), op, ": bias must be contiguous");
-    bias32 = bias->to(at::kFloat);  // exact
+    call.bias32 = bias->to(at::kFloat);
   }
-  at::Tensor out = at::empty({M, N}, x.options());  // [rows, out_features]
-  if (M == 0 || N == 0) return out;
-  const at::Tensor x32 = x.to(at::kFloat);  // [rows, in_features], exact
-  const float* xp = x32.data_ptr<float>();
-  const float* bp = bias ? bias32.data_ptr<float>() : nullptr;
-  const uint8_t* wp = blocks.data_ptr<uint8_t>();
+  call.out = at::empty({x.size(0), N}, x.options());
+  call.x32 = x.to(at::kFloat);
+  return call;
+}
+
+// Runs kernel(Q{}, R{}, x, M, K, w, N, bias, out) for the call's block and output types.
+template <typename Kernel>
+at::Tensor run_linear(const LinearCall& call, const at::Tensor& blocks, int64_t qtype, Kernel&& kernel) {
+  const int64_t M = call.x32.size(0), K = call.x32.size(1), N = blocks.size(0);
+  if (M == 0 || N == 0) return call.out;
+  const float* bp = call.bias32.defined() ? call.bias32.data_ptr<float>() : nullptr;
   with_block_type(qtype, [&](auto q) {
-    using Q = decltype(q);
-    with_output_type(x.scalar_type(), [&](auto r) {
+    with_output_type(call.out.scalar_type(), [&](auto r) {
       using R = decltype(r);
-      linear<Q>(xp, M, K, wp, N, bp, reinterpret_cast<R*>(out.data_ptr()));
+      kernel(q, r, call.x32.data_ptr<float>(), M, K, blocks.data_ptr<uint8_t>(), N, bp,
+             reinterpret_cast<R*>(call.out.data_ptr()));
     });
   });
-  return out;
+  return call.out;
 }
+
+// out[M, N] = x[M, K] @ dequant(blocks)^T + bias, in x's dtype.
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, int64_t in_features,
+                        const c10::optional<at::Tensor>& bias) {
+  const LinearCall call = check_linear("quant_linear", x, blocks, qtype, in_features, bias);
+  return run_linear(call, blocks, qtype, [](auto q, auto r, auto&&... args) {
+    linear<decltype(q), decltype(r)>(args...);
+  });
+}
+
+#if defined(KESTREL_QUANT_DOT)
+// The same product by integer dot products on x quantized to int8 (quant_dot.h): Q4_0, Q4_1,
+// Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K.
+at::Tensor quant_dot_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, int64_t in_features,
+                            const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "quant_dot_linear";
+  const LinearCall call = check_linear(op, x, blocks, qtype, in_features, bias);
+  bool has_units = false;
+  with_block_type(qtype, [&](auto q) { has_units = has_dot_units<decltype(q)>; });
+  TORCH_CHECK(has_units, op, ": no integer kernel for ", ggml_type_name(qtype),
+              "; supported: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K");
+  return run_linear(call, blocks, qtype, [](auto q, auto r, auto&&... args) {
+    using Q = decltype(q);
+    if constexpr (has_dot_units<Q>) linear_dot<Q, decltype(r)>(args...);
+  });
+}
+#endif
 
 // The rows `row_ids` (all when None) of dequant(blocks), [n, in_features] in `dtype`.
 at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features,
@@ -397,9 +502,15 @@ at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_
 TORCH_LIBRARY_FRAGMENT(kestrel, m) {
   m.def("quant_linear(Tensor x, Tensor blocks, int qtype, int in_features, Tensor? bias) -> Tensor");
   m.def("quant_dequantize(Tensor blocks, int qtype, int in_features, Tensor? row_ids, ScalarType dtype) -> Tensor");
+#if defined(KESTREL_QUANT_DOT)
+  m.def("quant_dot_linear(Tensor x, Tensor blocks, int qtype, int in_features, Tensor? bias) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
   m.impl("quant_linear", &quant_linear);
   m.impl("quant_dequantize", &quant_dequantize);
+#if defined(KESTREL_QUANT_DOT)
+  m.impl("quant_dot_linear", &quant_dot_linear);
+#endif
 }

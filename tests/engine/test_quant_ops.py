@@ -170,6 +170,75 @@ def test_each_row_is_the_same_whatever_the_batch(ops, qtype):
             torch.set_num_threads(threads)
 
 
+# ---- the integer-dot linear (quant_dot.h) ------------------------------------------------------
+
+DOT_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+@pytest.fixture
+def dot_linear(ops):
+    if not hasattr(ops, "quant_dot_linear"):
+        pytest.skip("the integer-dot linear needs AVX2, FMA and F16C")
+    return ops.quant_dot_linear
+
+
+def check_dot_linear(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """got == x @ weight.T + bias but for rounding x to int8 per 32 columns (each element off by at
+    most half a step, max|x| / 254 of its unit), plus float32 rounding of the scaled sums."""
+    x64, w64 = x.double(), weight.double()
+    want = x64 @ w64.T + (0 if bias is None else bias.double())
+    rows, in_features = x.shape
+    half_step = x64.abs().view(rows, -1, 32).amax(-1) / 254  # [rows, units]
+    units = w64.abs().view(w64.shape[0], -1, 32).sum(-1)  # [out, units]: sum of |w| per unit
+    bound = half_step @ units.T * 1.001 + 2.0**-20 * (x64.abs() @ w64.abs().T) + 1e-30
+    if got.dtype == torch.bfloat16:
+        bound = bound + 2.0**-8 * want.abs()
+    error = (got.double() - want).abs()
+    assert bool((error <= bound).all()), f"worst error / bound: {float((error / bound).max()):.3g}"
+
+
+@pytest.mark.parametrize("qtype", DOT_TYPES, ids=lambda t: t.name)
+def test_dot_linear_is_within_the_int8_rounding_bound(dot_linear, qtype):
+    in_features = in_features_for(qtype) + (0 if gguf.GGML_QUANT_SIZES[qtype][0] == 256 else 64)  # 21 units: a part chunk
+    out_features = 44  # groups of outputs with a remainder
+    blocks = random_blocks(qtype, out_features, in_features, seed=3)
+    weight = reference(blocks, qtype)
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 5, 16, 64):
+        x = torch.randn(rows, in_features, generator=generator)
+        x[0, :32] = 0.0  # an all-zero unit has no scale
+        x[-1, 40] = 30.0  # an outlier coarsens its unit only
+        for dtype in (torch.float32, torch.bfloat16):
+            bias = torch.randn(out_features, generator=generator)
+            got = dot_linear(x.to(dtype), torch.from_numpy(blocks), int(qtype), in_features, bias)
+            assert got.dtype == dtype and got.shape == (rows, out_features)
+            check_dot_linear(got, x.to(dtype).float(), weight, bias)
+
+
+@pytest.mark.parametrize("qtype", DOT_TYPES, ids=lambda t: t.name)
+def test_dot_linear_rows_are_the_same_whatever_the_batch(dot_linear, qtype):
+    in_features, out_features = in_features_for(qtype), 37
+    blocks = torch.from_numpy(random_blocks(qtype, out_features, in_features, seed=4))
+    x = torch.randn(70, in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+    batch = dot_linear(x, blocks, int(qtype), in_features, None)
+    for row in (0, 1, 2, 3, 35, 69):
+        assert torch.equal(dot_linear(x[row : row + 1], blocks, int(qtype), in_features, None), batch[row : row + 1])
+    for rows in (2, 3, 4, 5, 7, 16):
+        assert torch.equal(dot_linear(x[:rows], blocks, int(qtype), in_features, None), batch[:rows]), rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(dot_linear(x, blocks, int(qtype), in_features, None), batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_dot_linear_refuses_types_it_has_no_kernel_for(dot_linear):
+    blocks = torch.from_numpy(random_blocks(T.Q2_K, 4, 256))
+    with pytest.raises(RuntimeError, match="no integer kernel for Q2_K"):
+        dot_linear(torch.randn(1, 256), blocks, int(T.Q2_K), 256, None)
+
+
 # ---- errors ------------------------------------------------------------------------------------
 
 
