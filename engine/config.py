@@ -25,6 +25,8 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # GGUF's rope_freqs (Llama 3.1 and later): each inverse frequency divided by its factor
+    freq_factors: tuple[float, ...] = ()
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> RopeConfig:

@@ -7,6 +7,8 @@ dtype. Where the fused kernels cannot run, every tensor is dequantized at load i
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -67,8 +69,6 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
             f"supported: {', '.join(ARCHITECTURES)}"
         )
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise GGUFError("unsupported GGUF: rope_freqs (Llama 3.1-style rope scaling factors)")
 
     def get(key: str, default: Any = None) -> Any:
         value = field(reader, f"{arch}.{key}")
@@ -102,9 +102,31 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
             raise GGUFError(f"unsupported GGUF rope scaling {arch}.rope.scaling.type={scaling!r}")
         hf["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
     try:
-        return ModelConfig.from_hf_dict(hf)
+        config = ModelConfig.from_hf_dict(hf)
     except ConfigError as exc:
         raise GGUFError(str(exc)) from None
+    if ROPE_FREQS in names:
+        factors = rope_freq_factors(reader, config.head_dim)
+        config = dataclasses.replace(config, rope=dataclasses.replace(config.rope, freq_factors=factors))
+    return config
+
+
+# Llama 3.1+ files: rope scaling as a factor per frequency, [head_dim / 2] float32, which
+# llama.cpp's converter computes from the llama3 rope_scaling; not a weight.
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def rope_freq_factors(reader: gguf.GGUFReader, head_dim: int) -> tuple[float, ...]:
+    tensor = next(t for t in reader.tensors if t.name == ROPE_FREQS)
+    if tensor.tensor_type.name != "F32" or int(np.prod(tensor.shape)) != head_dim // 2:
+        raise GGUFError(
+            f"unsupported GGUF {ROPE_FREQS}: {tensor.tensor_type.name} {list(tensor.shape)}, "
+            f"expected F32 [{head_dim // 2}]"
+        )
+    factors = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+    if not np.all(np.isfinite(factors) & (factors > 0)):
+        raise GGUFError(f"the GGUF's {ROPE_FREQS} holds factors that are not positive numbers")
+    return tuple(float(f) for f in factors)
 
 
 def hf_name(name: str) -> str:
@@ -150,6 +172,8 @@ def load_gguf_model(
     parts: dict[str, list[tuple[int, QuantizedWeight]]] = defaultdict(list)
 
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:  # in the config already
+            continue
         qtype = tensor.tensor_type.name
         if qtype not in FLOAT_TYPES and qtype not in QUANTIZED_TYPES:
             raise GGUFError(

@@ -44,6 +44,21 @@ def test_tiny_gguf_matches_transformers_on_its_decoded_weights(tmp_path, model_t
     check_parity(reference_dir, ours=model)
 
 
+def test_llama3_rope_freqs_match_transformers_rope_scaling(tmp_path):
+    """Llama 3.1+ GGUFs carry rope scaling as rope_freqs factors: the tiny model, written with
+    them as llama.cpp's converter does, agrees with transformers running the llama3 rope_scaling
+    (cut-offs set so that its 8 frequencies fall in all three bands)."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}  # fmt: skip
+    path, reference_dir = write_tiny_gguf(tmp_path, "llama", "Q8_0", rope_scaling=scaling)
+    reader = open_gguf(path)
+    config = config_from_gguf(reader)
+    factors = np.array(config.rope.freq_factors)
+    assert config.rope.rope_type == "default" and factors.shape == (8,)
+    assert factors[0] == 1.0 and factors[-1] == 8.0 and np.any((factors > 1) & (factors < 8))
+    check_parity(reference_dir, ours=load_gguf_model(reader, config, torch.float32))
+
+
 def write_gguf(path, arch="llama", tensors=()):
     writer = gguf.GGUFWriter(path, arch)
     for name, data, qtype in tensors:

@@ -62,6 +62,8 @@ def write_tiny_gguf(
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
     _add_byte_tokenizer(writer)
+    if rope_scaling(config).get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
 
     decoded = {}
     for name, tensor in state.items():
@@ -86,6 +88,33 @@ def write_tiny_gguf(
     writer.close()
     save_file(decoded, hf_dir / "model.safetensors")
     return path, hf_dir
+
+
+def rope_scaling(config: dict) -> dict:
+    """The rope settings of a config.json: `rope_parameters` (transformers >= 5) or `rope_scaling`."""
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """What convert_hf_to_gguf.py writes as rope_freqs for a llama3 rope_scaling: per frequency,
+    1 where the wavelength is short, `factor` where it is long, and between the cut-offs the
+    inverse of the smooth blend, [head_dim / 2] float32."""
+    scaling = rope_scaling(config)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    theta = scaling.get("rope_theta", config.get("rope_theta", 10000.0))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * np.pi * theta ** (i / head_dim)
+        if wavelength < old_len / high:
+            factors.append(1.0)
+        elif wavelength > old_len / low:
+            factors.append(factor)
+        else:
+            smooth = (old_len / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
 
 
 def _add_byte_tokenizer(writer: gguf.GGUFWriter) -> None:
