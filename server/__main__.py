@@ -33,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("kestrel: effective configuration\n" + format_config(values), file=sys.stderr, flush=True)
 
+    # Read once, when torch loads OpenMP: hence here, before the engine's first import.
+    os.environ.setdefault("OMP_WAIT_POLICY", server_config.thread_wait_policy.upper())
     from engine import AsyncEngine
 
     try:
