@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import time
@@ -253,16 +254,21 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None = None) -> None:
         seq.token_ids.append(token_id)
-        if logprob is not None:
-            seq.logprobs.append(logprob)
         check_token_stop(seq, self.eos_token_ids, self.max_model_len)
         stops = seq.request.params.stop
         ended_by_token = seq.finish_reason == FinishReason.STOP
         previous_len = len(seq.output_text)
         if not ended_by_token:  # the eos / stop token itself is not part of the text
             seq.output_text += seq.detokenizer.step([token_id])
+        # Logprobs list only tokens of the returned text (as OpenAI does): not the eos / stop
+        # token that ended the sequence, nor a special token the detokenizer skips.
+        if logprob is not None and not ended_by_token and not seq.detokenizer.is_skipped(token_id):
+            seq.logprobs.append(logprob)
         if seq.is_finished:
             seq.output_text += seq.detokenizer.flush()
+        if len(seq.output_text) > previous_len or seq.is_finished:
+            num_pending = len(seq.logprobs) - len(seq.logprob_text_ends)
+            seq.logprob_text_ends += [len(seq.output_text)] * num_pending
         if stops:
             match = find_stop_string(seq.output_text, previous_len, stops)
             if match is not None:
@@ -300,8 +306,17 @@ class LLMEngine:
             text = seq.output_text[seq.num_emitted_chars : end]
             seq.num_emitted_chars = end
         new_tokens = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted_tokens :]
-        logprobs = seq.logprobs[seq.num_emitted_tokens :] if params.logprobs is not None else None
         seq.num_emitted_tokens += len(new_tokens)
+        logprobs = None
+        if params.logprobs is not None:
+            # The tokens whose text is wholly emitted. NOTE: a token that a stop string cuts in
+            # two is not listed (nor are those inside the stop string), so the listed tokens
+            # never run past the content: joined, they equal it, or they fall short of it by
+            # the cut token's returned part.
+            ends = seq.logprob_text_ends
+            num_listed = bisect.bisect_right(ends, seq.num_emitted_chars, lo=seq.num_emitted_logprobs)
+            logprobs = seq.logprobs[seq.num_emitted_logprobs : num_listed]
+            seq.num_emitted_logprobs = num_listed
         return CompletionOutput(
             index=seq.index,
             text=text,

@@ -20,7 +20,8 @@ class CompletionOutput:
     index: int
     text: str  # new text; stop strings are never included
     token_ids: list[int]  # new token ids
-    logprobs: list[TokenLogprob] | None = None  # one per new token when requested
+    # When requested: one per token of the new text (never the eos / stop token that ended it).
+    logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     num_generated_tokens: int = 0  # cumulative

@@ -59,7 +59,12 @@ class Sequence:
     output_text: str = ""
     num_emitted_chars: int = 0
     num_emitted_tokens: int = 0
+    # Logprobs of the tokens that are part of output_text, and where the text each one completes
+    # ends in it (non-decreasing; missing for the last tokens while their text is held back, e.g.
+    # a split UTF-8 character). A token is reported once that end is inside the emitted text.
     logprobs: list = field(default_factory=list)
+    logprob_text_ends: list[int] = field(default_factory=list)
+    num_emitted_logprobs: int = 0
     detokenizer: object | None = None
     generator: object | None = None  # torch.Generator for seeded sampling
 

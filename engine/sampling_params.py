@@ -8,6 +8,16 @@ from typing import Any
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+# Numeric floors, so that finite logits stay finite through every processor (the sampler works
+# in float32, whose largest value is 3.4e38):
+# - a temperature below MIN_TEMPERATURE samples greedily (vLLM's _SAMPLING_EPS): dividing the
+#   logits by 1e-300 would overflow them to inf and the softmax to NaN;
+# - repetition_penalty divides or multiplies seen tokens' logits, so it is refused outside
+#   [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY];
+# - every other number has a bounded range below, and NaN / Infinity are refused.
+MIN_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
 
 # Keys of generation_config.json that set sampling defaults, by SamplingParams field.
 GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -26,7 +36,7 @@ class SamplingParams:
     n: int = 1
     max_tokens: int | None = None  # None: up to the context length
     min_tokens: int = 0
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0
@@ -51,6 +61,8 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
 
     @classmethod
     def with_defaults(cls, defaults: dict[str, Any], **values: Any) -> SamplingParams:
@@ -75,9 +87,7 @@ class SamplingParams:
             raise SamplingParamsError("top_p", "top_p must be in (0, 1], got 0")
         _check_int(self.top_k, "top_k", 0, None)
         _check_float(self.min_p, "min_p", 0.0, 1.0)
-        _check_float(self.repetition_penalty, "repetition_penalty", 0.0, None)
-        if self.repetition_penalty == 0.0:
-            raise SamplingParamsError("repetition_penalty", "repetition_penalty must be > 0")
+        _check_float(self.repetition_penalty, "repetition_penalty", MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
         _check_float(self.presence_penalty, "presence_penalty", -2.0, 2.0)
         _check_float(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
         for name in ("ignore_eos", "skip_special_tokens"):

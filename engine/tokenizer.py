@@ -599,6 +599,10 @@ class IncrementalDetokenizer:
         self._num_emitted = 0  # chars of decode(self._window) already returned
         self._deltas: list[str] = []
 
+    def is_skipped(self, token_id: int) -> bool:
+        """Whether `token_id` never shows in the text (a special token under skip_special_tokens)."""
+        return token_id in self._skip_ids
+
     @property
     def text(self) -> str:
         """All text returned so far (not including held-back text)."""

@@ -99,6 +99,39 @@ def format_param(loc: list[str | int] | tuple[str | int, ...]) -> str | None:
     return out or None
 
 
+# pydantic's wrong-JSON-type errors, and what each expected, in OpenAI's words.
+_EXPECTED_TYPE = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "a boolean",
+    "string_type": "a string",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+
+
+def _json_type(value: Any) -> str:
+    """How OpenAI names a JSON value's type in 'but got ... instead'."""
+    match value:
+        case bool():
+            return "a boolean"
+        case int():
+            return "an integer"
+        case float():
+            return "a decimal number"
+        case str():
+            return "a string"
+        case list():
+            return "an array"
+        case dict():
+            return "an object"
+        case None:
+            return "null"
+    return type(value).__name__
+
+
 def validate(model_cls: type[Model], data: Any) -> Model:
     """The request model, or a 400 naming the (deepest) offending field."""
     if not isinstance(data, dict):
@@ -106,10 +139,23 @@ def validate(model_cls: type[Model], data: Any) -> Model:
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
+        errors = exc.errors(include_url=False)
         # Of a union's alternatives, the deepest error is the one that explains the mistake.
         error = max(errors, key=lambda e: len(e["loc"]))
         param = format_param(list(error["loc"]))
+        if error["type"] in _EXPECTED_TYPE:
+            # Every alternative of a union that failed on its type at this same field.
+            expected = list(dict.fromkeys(
+                _EXPECTED_TYPE[e["type"]] for e in errors
+                if e["type"] in _EXPECTED_TYPE and format_param(list(e["loc"])) == param
+            ))  # fmt: skip
+            wanted = expected[0] if len(expected) == 1 else "one of " + " or ".join(expected)
+            raise bad_request(
+                f"Invalid type for {param!r}: expected {wanted}, but got "
+                f"{_json_type(error.get('input'))} instead.",
+                param=param,
+                code="invalid_type",
+            ) from None
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "missing":
             message = "field required"
@@ -125,10 +171,20 @@ def validate(model_cls: type[Model], data: Any) -> Model:
 # ---------------------------------------------------------------------------------------------
 
 
+# Every request schema is strict: JSON types are enforced as OpenAI enforces them. A string or a
+# boolean is never coerced to a number, nor a number or a string to a boolean, nor a float (even
+# 5.0) to an integer; an integer is a valid number.
+
+
 class _Schema(BaseModel):
     # Unknown fields are ignored (as vLLM does); fields that change the output and that
     # Kestrel cannot honour are declared so they can be refused explicitly.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class _OpenSchema(BaseModel):
+    # Unknown fields are kept: some reach the chat template (e.g. `reasoning_content`).
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 class StreamOptions(_Schema):
@@ -136,8 +192,7 @@ class StreamOptions(_Schema):
     continuous_usage_stats: bool | None = False
 
 
-class TextContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TextContentPart(_OpenSchema):
     type: str
     text: str | None = None
 
@@ -156,16 +211,13 @@ class FunctionCall(_Schema):
     arguments: str | dict[str, Any] = ""
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ToolCall(_OpenSchema):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    # extra="allow": fields such as `reasoning_content` reach the chat template.
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(_OpenSchema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
@@ -173,21 +225,18 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class FunctionDefinition(_OpenSchema):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class Tool(_OpenSchema):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ResponseFormat(_OpenSchema):
     type: Literal["text", "json_object", "json_schema"]
 
 

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from .errors import APIError
+from .errors import APIError, truncate
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -52,11 +52,13 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 async def read_body(request: Request) -> Any:
-    """The parsed JSON body; 413 past max_request_bytes (declared or streamed), 400 if not JSON.
+    """The parsed JSON body; 415 unless the Content-Type is JSON, 413 past max_request_bytes
+    (declared or streamed), 400 if not JSON.
 
     NOTE: parsed here rather than by FastAPI so that NaN/Infinity, invalid UTF-8, lone surrogates
-    and a missing Content-Type are handled the same way on every endpoint.
+    and a wrong or missing Content-Type are handled the same way on every endpoint.
     """
+    _check_content_type(request.headers.get("content-type"))
     limit: int = request.app.state.config.max_request_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -69,6 +71,27 @@ async def read_body(request: Request) -> Any:
             raise _too_large(limit)
         chunks.append(chunk)
     return parse_json(b"".join(chunks))
+
+
+def _check_content_type(header: str | None) -> None:
+    """415 unless the body is declared `application/json` (UTF-8, the only charset JSON has).
+
+    A form-encoded or text/plain body is refused rather than read as JSON: `curl -d` without
+    `-H 'Content-Type: application/json'` sends a form.
+    """
+    media_type, _, params = (header or "").partition(";")
+    charset = ""
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+    if media_type.strip().lower() != "application/json" or charset not in ("", "utf-8", "utf8"):
+        given = repr(truncate(header, 80)) if header else "none"
+        raise APIError(
+            415,
+            f"Content-Type must be application/json, got {given}",
+            code="unsupported_media_type",
+        )
 
 
 def _too_large(limit: int) -> APIError:

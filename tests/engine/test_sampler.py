@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (
 
 from engine.request import Sequence
 from engine.sampler import Sampler, apply_min_p, apply_repetition_penalty, apply_top_k_top_p
+from engine.sampling_params import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE
 from tests.engine.factories import make_seq
 
 VOCAB = 32
@@ -337,3 +338,24 @@ def test_no_logprobs_requested_gives_none_rows():
     logits = random_logits(3, seed=15)
     _, logprobs = sample(logits, [make_seq(temperature=t) for t in (0, 0.5, 1.0)])
     assert logprobs == [None, None, None]
+
+
+def test_extreme_accepted_values_keep_logits_finite():
+    """The numeric floors (engine.sampling_params) keep every processed logit finite or -inf
+    (masked), so the softmax never sees NaN: each row draws its argmax-like token."""
+    seen = [[1, 5, 5, 9], [7, 1, 30]]  # prompt, generated
+    extremes = [
+        dict(temperature=1e-300),  # below the floor: greedy
+        dict(temperature=MIN_TEMPERATURE, top_p=1e-300, min_p=1.0),
+        dict(temperature=2.0, repetition_penalty=MIN_REPETITION_PENALTY, top_k=1),
+        dict(temperature=MIN_TEMPERATURE, repetition_penalty=MAX_REPETITION_PENALTY),
+        dict(temperature=MIN_TEMPERATURE, presence_penalty=-2.0, frequency_penalty=-2.0,
+             logit_bias={3: 100.0, 4: -100.0}, min_tokens=5),
+    ]  # fmt: skip
+    seqs = [make_seq(*seen, **values) for values in extremes]
+    logits = random_logits(len(seqs), seed=16, scale=40.0)  # beyond real models' logits
+    out = processed(logits, seqs)
+    assert not out.isnan().any() and not (out == float("inf")).any()
+    for _ in range(5):
+        tokens, _ = sample(logits, seqs)
+        assert tokens == out.argmax(-1).tolist()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.sampling_params import MIN_TEMPERATURE, SamplingParams, SamplingParamsError
 
 INVALID = [
     ({"n": 0}, "n"),
@@ -34,6 +34,9 @@ INVALID = [
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"repetition_penalty": -1.0}, "repetition_penalty"),
     ({"repetition_penalty": math.inf}, "repetition_penalty"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty"),  # would overflow logits to inf
+    ({"repetition_penalty": 0.0099}, "repetition_penalty"),
+    ({"repetition_penalty": 100.5}, "repetition_penalty"),
     ({"presence_penalty": 2.01}, "presence_penalty"),
     ({"presence_penalty": -2.5}, "presence_penalty"),
     ({"frequency_penalty": -2.01}, "frequency_penalty"),
@@ -92,7 +95,9 @@ def test_sampling_params_error_is_a_value_error():
         {"top_k": 1},
         {"min_p": 0.0},
         {"min_p": 1.0},
-        {"repetition_penalty": 1e-3},
+        {"repetition_penalty": 0.01},
+        {"repetition_penalty": 100},
+        {"temperature": 1e-300},
         {"presence_penalty": -2, "frequency_penalty": 2.0},
         {"logit_bias": {0: -100, 7: 100.0}},
         {"seed": -(2**63)},
@@ -145,9 +150,12 @@ def test_stop_token_ids_are_copied_into_a_list():
     assert SamplingParams(stop_token_ids=ids).stop_token_ids == [3, 4]
 
 
-def test_is_greedy_only_at_temperature_zero():
+def test_temperature_below_the_floor_is_greedy():
     assert SamplingParams(temperature=0).is_greedy
-    assert not SamplingParams(temperature=1e-6).is_greedy
+    for tiny in (1e-300, 5e-324, 1e-6, MIN_TEMPERATURE / 2):
+        params = SamplingParams(temperature=tiny)
+        assert params.is_greedy and params.temperature == 0.0
+    assert not SamplingParams(temperature=MIN_TEMPERATURE).is_greedy
 
 
 GENERATION_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}

@@ -444,9 +444,9 @@ def test_curl_chat_and_stream(server: ServerProcess) -> None:
                           "-H", "Content-Type: application/json", "-d", body],
                          capture_output=True, check=True, timeout=60)  # fmt: skip
     full = json.loads(out.stdout)["choices"][0]["message"]["content"]
-    # no Content-Type at all (curl -d sends form encoding): still JSON to us
     body = json.dumps({"messages": MESSAGES, "max_tokens": 5, "temperature": 0, "stream": True})
-    out = subprocess.run(["curl", "-sS", "-N", "--fail-with-body", f"{server.base_url}/v1/chat/completions", "-d", body],
+    out = subprocess.run(["curl", "-sS", "-N", "--fail-with-body", f"{server.base_url}/v1/chat/completions",
+                          "-H", "Content-Type: application/json", "-d", body],
                          capture_output=True, check=True, timeout=60)  # fmt: skip
     chunks = stream_json(parse_sse(out.stdout))
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == full

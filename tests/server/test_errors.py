@@ -57,7 +57,7 @@ CASES = [
     ("logit-bias-token-range", "POST", CHAT, chat(logit_bias={"99999999": 1}), 400, INVALID, "logit_bias", None),
     ("stop-token-ids-range", "POST", CHAT, chat(stop_token_ids=[10**9]), 400, INVALID, "stop_token_ids", None),
     ("empty-stop-string", "POST", CHAT, chat(stop=[""]), 400, INVALID, "stop", "invalid_value"),
-    ("wrong-type", "POST", CHAT, chat(temperature="hot"), 400, INVALID, "temperature", "invalid_value"),
+    ("wrong-type", "POST", CHAT, chat(temperature="hot"), 400, INVALID, "temperature", "invalid_type"),
     ("lone-surrogate", "POST", CHAT, b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
      400, INVALID, "messages[0].content", "invalid_encoding"),
     ("invalid-utf8", "POST", CHAT, b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}',
@@ -67,7 +67,7 @@ CASES = [
     ("bad-role", "POST", CHAT, chat(messages=[{"role": "wizard", "content": "Hi"}]),
      400, INVALID, "messages[0].role", "invalid_value"),
     ("bad-content-type", "POST", CHAT, chat(messages=[{"role": "user", "content": 42}]),
-     400, INVALID, "messages[0].content", "invalid_value"),
+     400, INVALID, "messages[0].content", "invalid_type"),
     ("image-content-part", "POST", CHAT,
      chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "x"}}]}]),
      400, INVALID, "messages[0].content[1].type", "invalid_value"),
@@ -135,7 +135,7 @@ def test_errors_never_echo_huge_inputs(http: httpx.Client) -> None:
         chat(stop=huge, temperature=huge),
         b'{"messages": "' + huge.encode() + b"",
     ):
-        response = http.post(CHAT, content=body)
+        response = http.post(CHAT, content=body, headers={"Content-Type": "application/json"})
         assert 400 <= response.status_code < 500
         assert len(response.content) < 2000, response.content[:300]
 

@@ -27,6 +27,7 @@ from .conftest import (
 pytestmark = pytest.mark.slow  # real or tiny model weights, kernel builds or servers
 
 MAX_REQUEST_BYTES = 65536
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +88,14 @@ def test_api_key_required_except_health(limited: ServerProcess, authed: httpx.Cl
 
 def test_body_too_large(authed: httpx.Client) -> None:
     big = json.dumps({"prompt": "x" * MAX_REQUEST_BYTES, "max_tokens": 1}).encode()
-    assert_error(authed.post("/v1/completions", content=big), 413,
+    assert_error(authed.post("/v1/completions", content=big, headers=JSON), 413,
                  type="invalid_request_error", param=None, code="request_too_large")  # fmt: skip
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: the streamed size is what counts
         for i in range(0, len(big), 8192):
             yield big[i : i + 8192]
 
-    assert_error(authed.post("/v1/completions", content=chunked()), 413,
+    assert_error(authed.post("/v1/completions", content=chunked(), headers=JSON), 413,
                  type="invalid_request_error", param=None, code="request_too_large")  # fmt: skip
     ok(authed)
 

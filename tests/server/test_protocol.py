@@ -114,3 +114,29 @@ def test_messages_for_template() -> None:
     assert second["tool_calls"][0]["function"]["arguments"] == {"x": 1}
     assert second["reasoning_content"] == "hmm" and "content" not in second
     assert third == {"role": "tool", "tool_call_id": "1", "content": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"max_tokens": "5"}, "max_tokens", "expected an integer, but got a string instead"),
+        ({"max_tokens": 5.0}, "max_tokens", "expected an integer, but got a decimal number instead"),
+        ({"n": True}, "n", "expected an integer, but got a boolean instead"),
+        ({"temperature": "0.5"}, "temperature", "expected a number, but got a string instead"),
+        ({"stream": 1}, "stream", "expected a boolean, but got an integer instead"),
+        ({"stop": 1}, "stop", "expected one of a string or an array, but got an integer instead"),
+        ({"stop": [1]}, "stop[0]", "expected a string, but got an integer instead"),
+        ({"messages": [{"role": "user", "content": None, "tool_calls": [{"function": "f"}]}]},
+         "messages[0].tool_calls[0].function", "expected an object, but got a string instead"),
+    ],
+)  # fmt: skip
+def test_types_are_strict_as_openai_checks_them(fields, param, message) -> None:
+    with pytest.raises(APIError) as info:
+        validate(ChatCompletionRequest, {"messages": USER, **fields})
+    assert (info.value.status, info.value.param, info.value.code) == (400, param, "invalid_type")
+    assert info.value.message == f"Invalid type for {param!r}: {message}."
+
+
+def test_integers_are_accepted_as_numbers() -> None:
+    request = validate(ChatCompletionRequest, {"messages": USER, "temperature": 0, "top_p": 1})
+    assert (request.temperature, request.top_p) == (0.0, 1.0)
