@@ -81,16 +81,19 @@ _CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 
 
 def backend_from_gguf(reader: gguf.GGUFReader) -> tokenizers.Tokenizer:
-    """The `tokenizers.Tokenizer` a GGUF's `tokenizer.*` metadata describes (byte-level BPE only).
+    """The `tokenizers.Tokenizer` a GGUF's `tokenizer.*` metadata describes (byte-level BPE, or
+    SentencePiece BPE).
 
     Control tokens become special added tokens and user-defined ones plain added tokens, both
     matched whole in text; the post-processor adds BOS/EOS as `tokenizer.ggml.add_*_token` say.
     """
     model_type = _get(reader, "tokenizer.ggml.model")
+    if model_type == "llama":
+        return _sentencepiece_backend(reader)
     if model_type != "gpt2":
         raise GGUFTokenizerError(
             f"unsupported GGUF tokenizer model tokenizer.ggml.model={model_type!r}; "
-            "supported: 'gpt2' (byte-level BPE)"
+            "supported: 'gpt2' (byte-level BPE), 'llama' (SentencePiece BPE)"
         )
     pre_type = _get(reader, "tokenizer.ggml.pre")
     pre = PRE_TOKENIZERS.get(pre_type)
@@ -121,13 +124,7 @@ def backend_from_gguf(reader: gguf.GGUFReader) -> tokenizers.Tokenizer:
             ignore_merges=pre.ignore_merges,
         )
     )
-    typed = list(zip(tokens, token_types))
-    backend.add_special_tokens(
-        [_added(t, special=True) for t, kind in typed if kind == gguf.TokenType.CONTROL]
-    )
-    backend.add_tokens(
-        [_added(t, special=False) for t, kind in typed if kind == gguf.TokenType.USER_DEFINED]
-    )
+    _add_typed_tokens(backend, tokens, token_types)
     if pre.normalizer is not None:
         backend.normalizer = _NORMALIZERS[pre.normalizer]()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -135,16 +132,62 @@ def backend_from_gguf(reader: gguf.GGUFReader) -> tokenizers.Tokenizer:
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     backend.decoder = decoders.ByteLevel()
+    _install_bos_eos(backend, reader, add_bos_by_default=pre.add_bos)
+    return backend
 
+
+def _sentencepiece_backend(reader: gguf.GGUFReader) -> tokenizers.Tokenizer:
+    """A SentencePiece BPE vocabulary (Llama 2, Mistral, TinyLlama: `tokenizer.ggml.model` =
+    "llama"), as transformers' LlamaTokenizer builds it: spaces as "▁" and one before the text,
+    the merges SentencePiece's scores imply, bytes outside the vocabulary as <0xNN> tokens."""
+    tokens: list[str] = _require(reader, "tokenizer.ggml.tokens")
+    scores: list[float] = _require(reader, "tokenizer.ggml.scores")
+    token_types: list[int] = _get(reader, "tokenizer.ggml.token_type") or []
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens) or len(scores) != len(tokens):
+        raise GGUFTokenizerError("the GGUF's tokenizer.ggml.tokens has duplicates, or not one score per token")
+    backend = tokenizers.Tokenizer(
+        models.BPE(vocab=vocab, merges=_sentencepiece_merges(tokens, scores, vocab), fuse_unk=True, byte_fallback=True)
+    )
+    _add_typed_tokens(backend, tokens, token_types)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    )
+    _install_bos_eos(backend, reader, add_bos_by_default=True)  # llama.cpp's default for these
+    return backend
+
+
+def _sentencepiece_merges(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """SentencePiece BPE joins the adjacent pair whose joined piece scores highest. As ranked BPE
+    merges: every way to cut each piece into two pieces of the vocabulary, ranked by the whole
+    piece's score, highest first (ties by the two pieces' ids)."""
+    ranked = []
+    for token, score in zip(tokens, scores, strict=True):
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, vocab[left], vocab[right]))
+    ranked.sort()
+    return [(tokens[left], tokens[right]) for _, left, right in ranked]
+
+
+def _add_typed_tokens(backend: tokenizers.Tokenizer, tokens: list[str], token_types: list[int]) -> None:
+    """Control tokens as special added tokens, user-defined ones as plain added tokens."""
+    typed = list(zip(tokens, token_types))
+    backend.add_special_tokens([_added(t, special=True) for t, kind in typed if kind == gguf.TokenType.CONTROL])
+    backend.add_tokens([_added(t, special=False) for t, kind in typed if kind == gguf.TokenType.USER_DEFINED])
+
+
+def _install_bos_eos(backend: tokenizers.Tokenizer, reader: gguf.GGUFReader, add_bos_by_default: bool) -> None:
     add_bos = _get(reader, "tokenizer.ggml.add_bos_token")
     add_eos = _get(reader, "tokenizer.ggml.add_eos_token")
     specials = _special_tokens(reader)
     install_post_processor(
         backend,
-        bos=specials["bos_token"] if (pre.add_bos if add_bos is None else add_bos) else None,
+        bos=specials["bos_token"] if (add_bos_by_default if add_bos is None else add_bos) else None,
         eos=specials["eos_token"] if add_eos else None,
     )
-    return backend
 
 
 def tokenizer_from_gguf(

@@ -463,7 +463,7 @@ def write_gguf(path: Path, model: str | None = "gpt2", pre: str | None = "gpt-2"
     return path
 
 
-@pytest.mark.parametrize("model", ["llama", "bert", "t5", "rwkv", None])
+@pytest.mark.parametrize("model", ["bert", "t5", "rwkv", None])
 def test_unsupported_tokenizer_model_is_a_one_line_error(tmp_path: Path, model: str | None) -> None:
     path = write_gguf(tmp_path / "x.gguf", model=model)
     with pytest.raises(GGUFTokenizerError) as info:
@@ -526,3 +526,55 @@ def test_special_ids_and_named_chat_templates(tmp_path: Path) -> None:
     assert tokenizer.apply_chat_template(messages, tools=[{"name": "f"}]) == "tools: 1"
     assert tokenizer.skip_special_ids == {0, 1}  # <think> is added but not special
     assert tokenizer.decode([0, 2, 1]) == "<think>"
+
+
+# ---- SentencePiece vocabularies (tokenizer.ggml.model = "llama": Llama 2, Mistral, TinyLlama) ----
+
+# Merged pieces first (higher scores, as SentencePiece ranks them), single characters last; "▁wo" +
+# "rld" competes with "▁wor" + "ld" for "▁world".
+SPM_PIECES = ["▁t", "he", "▁the", "an", "▁a", "▁and", "or", "▁w", "▁wor", "ld", "▁world", "▁wo", "rld",
+              "▁", "e", "t", "h", "a", "n", "d", "o", "r", "w", "l"]  # fmt: skip
+SPM_TEXTS = ["the world and a the", " the  world", "  leading spaces", "théâtre ünd 世界 🙂", "a\nnewline\ttab",
+             "<s> in text</s>", "", " ", "world", "andthe worldworld"]  # fmt: skip
+
+
+def write_spm_gguf(path: Path, **kv) -> Path:
+    """A tensor-free GGUF with a tiny SentencePiece vocabulary: <unk>, <s>, </s>, the 256 byte
+    tokens, then SPM_PIECES scored by rank."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("llama")
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *SPM_PIECES]
+    kinds = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    writer.add_token_list(tokens)
+    writer.add_token_types(kinds + [gguf.TokenType.NORMAL] * len(SPM_PIECES))
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))])
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    for key, value in kv.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.slow  # imports transformers
+def test_sentencepiece_vocabulary_encodes_and_decodes_as_transformers_does(tmp_path: Path) -> None:
+    path = write_spm_gguf(tmp_path / "spm.gguf")
+    ours, reference = tokenizer_from_gguf(path), transformers_conversion(path)
+    for text in SPM_TEXTS:
+        ids = ours.encode(text)
+        assert ids == reference.encode(text).ids, text
+        assert ids[:1] == [1]  # BOS, as llama.cpp adds it where the file does not say
+        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True), text
+    pieces = [SPM_PIECES.index(p) + 259 for p in ("▁the", "▁world", "▁", "an", "d", "▁a")]
+    assert ours.encode("the world and a", add_special_tokens=False) == pieces  # no "nd": "an" first, then stuck
+    assert 0 not in ours.encode("世界") and len(ours.encode("世界")) == 1 + 1 + 6  # BOS, "▁", 6 bytes: no <unk>
+    assert ours.decode(ours.encode("théâtre 世界 🙂"), skip_special_tokens=True) == "théâtre 世界 🙂"
+
+
+def test_sentencepiece_add_bos_flag(tmp_path: Path) -> None:
+    tokenizer = tokenizer_from_gguf(write_spm_gguf(tmp_path / "spm.gguf", add_bos_token=False))
+    assert tokenizer.encode("the") == [259 + SPM_PIECES.index("▁the")]
