@@ -4,6 +4,7 @@ logits, and the sampler / speculation rules for constrained rows (no model)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,24 @@ def test_constrained_rows_do_not_draft(compiler):
     seq = make_seq(temperature=0.0, grammar=compiler.compile(GrammarSpec("json_object")))
     assert not can_speculate(seq)
     assert can_speculate(make_seq(temperature=0.0))
+
+
+# -- the engine on a tiny random model (its 256 byte tokens; eos is byte 2) ---------------------
+
+
+def test_engine_outputs_match_their_grammar_and_leave_other_rows_alone(tiny_llama):
+    from engine import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama), dtype="float32", max_model_len=256)
+    prompts = [[1, 5, 9, 33], [1, 70, 71, 72, 73]]
+    plain = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(prompts[:1], plain)[0].completions[0].token_ids
+    pattern = "[a-c]{2,5}x"
+    constrained = [SamplingParams(temperature=1.0, seed=seed, n=2, max_tokens=20,
+                                  grammar=GrammarSpec("regex", pattern)) for seed in range(3)]  # fmt: skip
+    results = llm.generate(prompts[:1] + prompts[1:] * 3, [plain, *constrained])
+    assert results[0].completions[0].token_ids == alone
+    texts = [c.text for r in results[1:] for c in r.completions]
+    assert all(re.fullmatch(pattern, t) for t in texts), texts
+    assert {c.finish_reason for r in results[1:] for c in r.completions} == {"stop"}
+    assert len(set(texts)) > 1
