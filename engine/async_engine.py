@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
 
 from engine.config import EngineConfig
-from engine.errors import EngineDead, EngineOverloaded
+from engine.errors import EngineDead, EngineOverloaded, RequestError
+from engine.grammar import GrammarCompiler, GrammarError, GrammarSpec
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -36,6 +38,8 @@ class AsyncEngine:
         self.model_name = self.engine.model_name
         self.max_model_len = self.engine.max_model_len
         self.generation_defaults = self.engine.generation_defaults
+        # Thread-safe: compiles grammars for SamplingParams.grammar off the engine thread.
+        self.grammar_compiler: GrammarCompiler = self.engine.grammar_compiler
         self.max_waiting = config.scheduler.max_waiting
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -93,6 +97,12 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
         self.engine.check_request(prompt_token_ids, params)
+        if isinstance(params.grammar, GrammarSpec):  # compiled here, not on the engine thread
+            try:
+                compiled = await asyncio.to_thread(self.grammar_compiler.compile, params.grammar)
+            except GrammarError as exc:
+                raise RequestError(f"invalid grammar: {exc}", param="grammar") from None
+            params = dataclasses.replace(params, grammar=compiled)
         if len(self._not_started) >= self.max_waiting:
             raise EngineOverloaded(f"{len(self._not_started)} requests are already waiting")
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()

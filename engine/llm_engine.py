@@ -13,6 +13,7 @@ from engine import kernels
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.errors import ContextLengthExceeded, RequestError
+from engine.grammar import GrammarCompiler, GrammarError, GrammarSpec
 from engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from engine.loader import available_memory_bytes, weight_bytes
 from engine.model_runner import ModelRunner, ModelRunnerOutput, PromptLogits
@@ -73,6 +74,9 @@ class LLMEngine:
         self.speculator = self.scheduler.speculator
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        self.grammar_compiler = GrammarCompiler(
+            self.tokenizer, self.model_config.vocab_size, self.tokenizer.eos_token_ids
+        )
 
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -125,12 +129,20 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}", param="request_id")
         self.check_request(prompt_token_ids, params)
+        grammar = params.grammar
+        if isinstance(grammar, GrammarSpec):  # compiled here only by synchronous callers
+            try:
+                grammar = self.grammar_compiler.compile(grammar)
+            except GrammarError as exc:
+                raise RequestError(f"invalid grammar: {exc}", param="grammar") from None
         request = Request(request_id, list(prompt_token_ids), params, arrival_time or time.monotonic())
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request, index, list(prompt_token_ids))
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
             if params.seed is not None:
                 seq.generator = torch.Generator().manual_seed((params.seed + index) & (2**64 - 1))
+            if grammar is not None:
+                seq.grammar = grammar.matcher()
             request.sequences.append(seq)
             if index == 0:
                 self.scheduler.add(seq)
@@ -257,6 +269,8 @@ class LLMEngine:
         check_token_stop(seq, self.eos_token_ids, self.max_model_len)
         stops = seq.request.params.stop
         ended_by_token = seq.finish_reason == FinishReason.STOP
+        if seq.grammar is not None and not ended_by_token:
+            self._advance_grammar(seq, token_id)
         previous_len = len(seq.output_text)
         if not ended_by_token:  # the eos / stop token itself is not part of the text
             seq.output_text += seq.detokenizer.step([token_id])
@@ -275,6 +289,18 @@ class LLMEngine:
                 seq.output_text = seq.output_text[: match[0]]
                 seq.finish(FinishReason.STOP, match[1])
 
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token_id: int) -> None:
+        """Feed the grammar the token; the sequence ends (stop) where nothing but end-of-sequence
+        could follow, which saves sampling it."""
+        matcher = seq.grammar
+        if not matcher.accept(token_id) or matcher.error:  # a resource limit, not a bad token
+            seq.finish(FinishReason.ABORT)
+            seq.request.error = f"structured output failed: {matcher.error or 'token rejected'}"
+            logger.warning("request %s: %s", seq.request.request_id, seq.request.error)
+        elif matcher.is_terminated:
+            seq.finish(FinishReason.STOP)
+
     def _collect(self, changed: list[Sequence]) -> list[RequestOutput]:
         by_request: dict[str, list[CompletionOutput]] = {}
         for seq in changed:
@@ -288,6 +314,7 @@ class LLMEngine:
             if finished:
                 del self.requests[request_id]
             out = RequestOutput(request_id, request.prompt_token_ids, deltas, finished,
+                                error=request.error,
                                 num_cached_tokens=request.num_cached_tokens or 0)  # fmt: skip
             if request.params.prompt_logprobs is not None and not request.has_reported_prompt_logprobs:
                 out.prompt_logprobs = request.prompt_logprobs

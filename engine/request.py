@@ -67,6 +67,7 @@ class Sequence:
     num_emitted_logprobs: int = 0
     detokenizer: object | None = None
     generator: object | None = None  # torch.Generator for seeded sampling
+    grammar: object | None = None  # engine.grammar.GrammarMatcher of a structured output
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -106,6 +107,7 @@ class Request:
     # were handed out.
     prompt_logprobs: list = field(default_factory=lambda: [None])
     has_reported_prompt_logprobs: bool = False
+    error: str | None = None  # why the engine ended the request early (reported as an error)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.grammar import apply_bitmask, fill_bitmasks
 from engine.outputs import TokenLogprob
 from engine.request import Sequence
 
@@ -54,7 +55,7 @@ class Sampler:
 
     The plain greedy batch is one argmax. Otherwise each processor runs on just the rows that
     use it, in transformers' order: repetition penalty, presence / frequency penalty, logit
-    bias, min_tokens masking, then for sampled rows temperature, top-k, top-p, min-p and a draw.
+    bias, min_tokens masking, the grammar masks of structured outputs, then for sampled rows temperature, top-k, top-p, min-p and a draw.
     A seeded sequence draws from its own torch.Generator, so its tokens do not depend on
     what else is in the batch.
     """
@@ -118,6 +119,11 @@ class Sampler:
             if seq.num_generated_tokens < p.min_tokens:
                 banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
                 logits[i, banned] = NEG_INF
+
+        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        if rows:
+            bitmasks = fill_bitmasks([seqs[i].grammar for i in rows], logits.shape[1])
+            apply_bitmask(logits, bitmasks, rows)
         return logits
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

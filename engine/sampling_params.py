@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the core stays free of torch
+    from engine.grammar import CompiledGrammar, GrammarSpec
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -51,6 +54,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's plus the top k
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's plus the top k
     skip_special_tokens: bool = True
+    # Structured output: the grammar the output must match. The engine compiles a spec when it
+    # adds the request; a server compiles it beforehand, off the engine thread.
+    grammar: GrammarSpec | CompiledGrammar | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

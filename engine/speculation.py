@@ -36,7 +36,10 @@ MIN_MATCH = 2
 
 def can_speculate(seq: Sequence) -> bool:
     """Whether the model's argmax alone decides `seq`'s next tokens (no sampling, penalties,
-    biases, logprobs or min_tokens mask) and it has one sequence."""
+    biases, logprobs, min_tokens mask or grammar) and it has one sequence.
+
+    NOTE: rows constrained by a grammar do not draft: verifying a draft would need a mask per
+    draft position and a rollback of the matcher on rejection."""
     p = seq.request.params
     return (
         p.is_greedy
@@ -46,6 +49,7 @@ def can_speculate(seq: Sequence) -> bool:
         and p.repetition_penalty == 1.0
         and p.presence_penalty == 0.0
         and p.frequency_penalty == 0.0
+        and p.grammar is None
         and seq.num_generated_tokens >= p.min_tokens
     )
 

@@ -221,10 +221,12 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        serving.grammars.start()
         logger.info("serving %s as %s", engine.model_name, ", ".join(serving.model_names))
         try:
             yield
         finally:
+            serving.grammars.shutdown()
             await engine.shutdown()
 
     middleware = []

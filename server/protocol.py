@@ -236,8 +236,35 @@ class Tool(_OpenSchema):
     function: FunctionDefinition
 
 
+class JsonSchemaFormat(_OpenSchema):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_OpenSchema):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Schema):
+    """vLLM's `structured_outputs` extension: exactly one of json, regex, choice, grammar and
+    json_object, plus options."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    json_: str | dict[str, Any] | bool | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False  # Kestrel has one backend
+    disable_additional_properties: bool = False
+    # Not implemented; refused rather than ignored.
+    structural_tag: str | dict[str, Any] | None = None
 
 
 class _SamplingFields(_Schema):
@@ -264,6 +291,8 @@ class _SamplingFields(_Schema):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     prompt_logprobs: int | None = None  # each prompt token's logprob plus the top k
+    structured_outputs: StructuredOutputs | None = None
+    response_format: ResponseFormat | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -277,7 +306,6 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     # Not implemented; refused rather than ignored.
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
@@ -331,12 +359,6 @@ def check_stream_options(request: _SamplingFields) -> None:
 
 def check_chat_supported(request: ChatCompletionRequest) -> None:
     """Refuse fields that would change the output but are not implemented."""
-    if request.response_format is not None and request.response_format.type != "text":
-        raise unsupported(
-            "response_format",
-            f"response_format type {request.response_format.type!r} is not supported yet "
-            "(structured output is not implemented); use type 'text'",
-        )
     choice = request.tool_choice
     if choice is not None and choice not in ("none", "auto"):
         raise unsupported(

@@ -43,6 +43,7 @@ from .protocol import (
     tools_for_template,
 )
 from .settings import ServerConfig
+from .structured_outputs import GrammarService
 
 logger = logging.getLogger("kestrel.serving")
 
@@ -287,6 +288,7 @@ class Serving:
         self.default_max_tokens: int | None = server_defaults.pop("max_tokens", None)
         self.sampling_defaults = {**(engine.generation_defaults or {}), **server_defaults}
         self.token_text = TokenText(self.tokenizer)
+        self.grammars = GrammarService(engine.grammar_compiler, config.grammar_compile_timeout)
 
     # -- models -------------------------------------------------------------------------------
 
@@ -424,6 +426,7 @@ class Serving:
         params = to_sampling_params(
             request, self.sampling_defaults, default_max_tokens=self.default_max_tokens
         )
+        params.grammar = await self.grammars.compile(request)
         prompt = await self._chat_prompt(request)
         given = request.max_completion_tokens is not None or request.max_tokens is not None
         self._check_context(len(prompt), params, "messages", max_tokens_given=given)
@@ -508,6 +511,7 @@ class Serving:
             self.sampling_defaults,
             default_max_tokens=self.default_max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS,
         )
+        params.grammar = await self.grammars.compile(request)
         prompts, prompt_texts = await self._completion_prompts(request)
         longest = max(len(prompt) for prompt in prompts)
         given = request.max_tokens is not None
