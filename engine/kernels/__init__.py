@@ -24,8 +24,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).parent
-# One library from every .cpp here; each file registers its ops with TORCH_LIBRARY_FRAGMENT
-# (cpu_ops.cpp holds the TORCH_LIBRARY itself). Headers count for the build's cache key.
+# One library from every .cpp here: cpu_ops.cpp holds the TORCH_LIBRARY and registers the ops of
+# the kernel families it lists (row_ops.cpp, attention.cpp, ...); quant_ops.cpp adds its own with
+# TORCH_LIBRARY_FRAGMENT. Headers (simd.h, ...) count for the build's cache key.
 SOURCES = sorted(KERNEL_DIR.glob("*.cpp"))
 # OpenMP so that at::parallel_for runs in parallel: the library links libgomp.so.1, which
 # resolves to the copy torch has already loaded, so there is still one thread pool.
@@ -37,8 +38,8 @@ _state: dict[str, object] = {}
 
 class KernelOps(Protocol):
     """torch.ops.kestrel: the ops the sources register (quant_* in quant_ops.cpp, the rest in
-    cpu_ops.cpp). fma_linear and decoder_layers exist only in builds for CPUs with AVX2 + FMA,
-    amx_linear only with AMX (check with hasattr)."""
+    cpu_ops.cpp, which cpu_ops.h maps to their files). fma_linear and decoder_layers exist only
+    in builds for CPUs with AVX2 + FMA, amx_linear only with AMX (check with hasattr)."""
 
     def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...

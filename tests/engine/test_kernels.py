@@ -24,7 +24,7 @@ def test_the_kernels_build_where_a_compiler_is():
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None or not kernels.enabled():
         pytest.skip("no C++ compiler, or kernels disabled")
-    assert kernels.ops() is not None, "cpu_ops.cpp did not build: see the warning logged by engine.kernels"
+    assert kernels.ops() is not None, "the kernels did not build: see the warning logged by engine.kernels"
     flags = kernels._cpu_flags().split()
     if b"amx_bf16" in flags:
         assert kernels.amx_linear_fits(torch.zeros(16, 32, dtype=torch.bfloat16)), "this CPU has AMX"
