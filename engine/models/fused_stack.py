@@ -1,9 +1,10 @@
 """A Llama-family decoder stack as one call of the fused CPU kernel (`decoder_layers`).
 
-Where every layer linear runs the FMA kernel (engine/layers/linear.py) and only q/k/v carry
-biases, the kernel runs all decoder layers and the final norm in one call, with the same kernels
-in the same order as the modules: the same result to the bit, without ~300 Python and dispatcher
-round trips per step.
+Where every layer linear runs the FMA kernel (engine/layers/linear.py) or the quantized one on
+GGUF blocks of a single type (engine/layers/quantized.py), and only q/k/v carry biases, the
+kernel runs all decoder layers and the final norm in one call, with the same kernels in the same
+order as the modules: the same result to the bit, without ~300 Python and dispatcher round trips
+per step.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ class FusedDecoderStack:
 
     input_norms: list[torch.Tensor]  # [hidden_size]
     post_norms: list[torch.Tensor]  # [hidden_size]
-    qkv_weights: list[torch.Tensor]  # FMA panels, kernels.fma_panels
+    qkv_weights: list[torch.Tensor]  # FMA panels (kernels.fma_panels) or GGUF blocks
     qkv_biases: list[torch.Tensor | None]
     o_weights: list[torch.Tensor]
     gate_up_weights: list[torch.Tensor]
     down_weights: list[torch.Tensor]
+    # per layer, of its qkv, o, gate_up and down weights: the GGML type of their blocks, or
+    # FMA_PANELS
+    linear_types: list[int]
     final_norm: torch.Tensor
     eps: float
     num_heads: int
@@ -44,18 +48,21 @@ class FusedDecoderStack:
         if library is None or not hasattr(library, "decoder_layers"):
             return None
         attns, mlps = [layer.self_attn for layer in layers], [layer.mlp for layer in layers]
-        qkvs = [a.qkv_proj for a in attns]
-        others = [a.o_proj for a in attns] + [m for p in mlps for m in (p.gate_up_proj, p.down_proj)]
-        if any(m.fma_weight is None for m in qkvs + others) or any(m.bias is not None for m in others):
+        linears = [(a.qkv_proj, a.o_proj, p.gate_up_proj, p.down_proj) for a, p in zip(attns, mlps, strict=True)]
+        weights = [[_kernel_weight(m) for m in layer] for layer in linears]
+        if any(w is None for layer in weights for w in layer):
+            return None
+        if any(m.bias is not None for layer in linears for m in layer[1:]):
             return None
         return cls(
             input_norms=[layer.input_layernorm.weight for layer in layers],
             post_norms=[layer.post_attention_layernorm.weight for layer in layers],
-            qkv_weights=[m.fma_weight for m in qkvs],
-            qkv_biases=[m.bias for m in qkvs],
-            o_weights=[a.o_proj.fma_weight for a in attns],
-            gate_up_weights=[p.gate_up_proj.fma_weight for p in mlps],
-            down_weights=[p.down_proj.fma_weight for p in mlps],
+            qkv_weights=[layer[0][0] for layer in weights],
+            qkv_biases=[a.qkv_proj.bias for a in attns],
+            o_weights=[layer[1][0] for layer in weights],
+            gate_up_weights=[layer[2][0] for layer in weights],
+            down_weights=[layer[3][0] for layer in weights],
+            linear_types=[kind for layer in weights for _, kind in layer],
             final_norm=final_norm.weight,
             eps=config.rms_norm_eps,
             num_heads=config.num_attention_heads,
@@ -71,8 +78,22 @@ class FusedDecoderStack:
         assert p is not None, "the fused stack reads the paged batch (build_paged_metadata)"
         return kernels.ops().decoder_layers(
             hidden, self.input_norms, self.post_norms, self.qkv_weights, self.qkv_biases,
-            self.o_weights, self.gate_up_weights, self.down_weights, self.final_norm, self.eps,
+            self.o_weights, self.gate_up_weights, self.down_weights, self.linear_types, self.final_norm, self.eps,
             self.num_heads, self.num_kv_heads, rope.positions, rope.cos_table, rope.sin_table,
             [k for k, _ in kv_caches], [v for _, v in kv_caches], meta.slot_mapping,
             p.block_tables, p.query_starts, p.context_lens, self.scale,
         )  # fmt: skip
+
+
+FMA_PANELS = -1  # a linear_types entry: bf16 weights in the FMA kernel's panels
+
+
+def _kernel_weight(linear: nn.Module) -> tuple[torch.Tensor, int] | None:
+    """The weight a Linear's kernel reads, and its linear_types entry; None if the stack cannot
+    run it (oneDNN's layout, or GGUF blocks of more than one type)."""
+    if linear.fma_weight is not None:
+        return linear.fma_weight, FMA_PANELS
+    parts = linear.quant_parts
+    if parts is not None and len(parts) == 1:
+        return parts[0].blocks, parts[0].qtype
+    return None

@@ -15,6 +15,7 @@ from engine.config import ModelConfig
 from engine.gguf_model import GGUFError, config_from_gguf, load_gguf_model, open_gguf
 from engine.loader import weight_bytes
 from engine.tokenizer import Tokenizer
+from tests.engine.model_driver import greedy_generate, prefill_logits
 from tests.engine.parity import check_parity
 from tests.engine.tiny_gguf import write_tiny_gguf
 
@@ -57,6 +58,26 @@ def test_llama3_rope_freqs_match_transformers_rope_scaling(tmp_path):
     assert config.rope.rope_type == "default" and factors.shape == (8,)
     assert factors[0] == 1.0 and factors[-1] == 8.0 and np.any((factors > 1) & (factors < 8))
     check_parity(reference_dir, ours=load_gguf_model(reader, config, torch.float32))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: q/k/v biases
+def test_fused_stack_on_gguf_blocks_equals_the_modules_to_the_bit(tmp_path, model_type, qtype):
+    """Every layer linear in blocks of one type: all decoder layers run in one kernel call, which
+    computes exactly what the modules compute calling the same kernels one by one."""
+    path, _ = write_tiny_gguf(tmp_path, model_type, qtype)
+    reader = open_gguf(path)
+    model = load_gguf_model(reader, config_from_gguf(reader), torch.bfloat16)
+    if not has_quantized_kernels() or not hasattr(kernels.ops(), "decoder_layers"):
+        pytest.skip("no fused decoder stack in this build (it needs AVX2 + FMA)")
+    stack = model.model.fused_stack
+    assert stack is not None and set(stack.linear_types) == {int(gguf.GGMLQuantizationType[qtype])}
+    prompts = [list(b"The capital of France is"), list(b"1, 2, 3,"), list(b"x")]
+    fused = (prefill_logits(model, prompts), greedy_generate(model, prompts, 8))
+    model.model.fused_stack = None  # the module path from here on
+    modules = (prefill_logits(model, prompts), greedy_generate(model, prompts, 8))
+    assert all(torch.equal(a, b) for a, b in zip(fused[0], modules[0], strict=True))
+    assert fused[1] == modules[1]
 
 
 def write_gguf(path, arch="llama", tensors=()):
