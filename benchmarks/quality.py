@@ -10,6 +10,10 @@ catalogue's GGUF file as it is) in one process, one after the other:
 - greedy agreement with bf16 over the first --prompts chat prompts of prompts_v1.json,
   --max-tokens each: the share of positions where the variant's token equals bf16's (counted up
   to the first difference, after which the two texts diverge), and how many answers are equal.
+
+--llama-cpp adds llama.cpp's llama-server on the same GGUF file (built by
+benchmarks/build_llama_server.sh): the same prompt token ids sent to its /completion endpoint,
+greedy, eos ignored, its answers' token ids compared the same way (no perplexity for it).
 """
 
 from __future__ import annotations
@@ -18,15 +22,20 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.assets import get_entry  # noqa: E402
 from engine.config import CacheConfig  # noqa: E402
+
+from peer import PeerSetup, free_port, launched, setup_llama_cpp  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TEXT = HERE / "texts" / "declaration_of_independence.txt"
@@ -44,7 +53,7 @@ class Variant:
 class Quality:
     label: str
     weight_mib: float
-    perplexity: float
+    perplexity: float | None
     agreement: float  # matching positions up to the first difference / all positions
     identical: int  # answers equal to bf16's
     seconds: float
@@ -65,6 +74,27 @@ def greedy_answers(llm: LLM, conversations: list[list[dict]], max_tokens: int) -
     return [r.completions[0].token_ids for r in llm.generate(prompts, params)]
 
 
+def llama_cpp_answers(gguf_name: str, prompts: list[list[int]], conversations: list[list[dict]],
+                      max_tokens: int) -> list[list[int]]:  # fmt: skip
+    """llama-server's greedy answers to the prompts (token ids in, token ids out), one at a time."""
+    setup = PeerSetup(model=gguf_name, dtype="bfloat16", device="cpu", max_concurrency=1, max_tokens=max_tokens,
+                      conversations=conversations)  # fmt: skip
+    launch, port = setup_llama_cpp(setup), free_port()
+    answers = []
+    with (
+        tempfile.TemporaryDirectory() as logs,
+        launched("llama.cpp", launch.command(port), port, Path(logs), 300) as server,
+        httpx.Client(trust_env=False, timeout=600) as client,
+    ):
+        for prompt in prompts:
+            body = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                    "return_tokens": True, "cache_prompt": False}  # fmt: skip
+            response = client.post(f"{server.base_url}/completion", json=body)
+            response.raise_for_status()
+            answers.append(response.json()["tokens"])
+    return answers
+
+
 def agreement(answers: list[list[int]], reference: list[list[int]]) -> tuple[float, int]:
     matched = total = identical = 0
     for ours, theirs in zip(answers, reference, strict=True):
@@ -81,6 +111,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--llama-cpp", action="store_true", help="add llama-server on the GGUF file")
     args = parser.parse_args()
 
     entry = get_entry(args.model)
@@ -103,6 +134,13 @@ def main() -> None:
         rows.append(Quality(variant.label, llm.engine.num_weight_bytes / 2**20, ppl, share, identical,
                             time.perf_counter() - start))  # fmt: skip
         print(f"{variant.label}: done in {rows[-1].seconds:.0f} s", file=sys.stderr, flush=True)
+        if variant.model == entry.gguf_name and args.llama_cpp:
+            start = time.perf_counter()
+            prompts = [llm.tokenizer.encode_chat(c) for c in conversations]
+            share, identical = agreement(llama_cpp_answers(entry.gguf_name, prompts, conversations, args.max_tokens),
+                                         reference)  # fmt: skip
+            rows.append(Quality(f"llama.cpp on the same GGUF ({entry.quantization})", llm.engine.num_weight_bytes / 2**20,
+                                None, share, identical, time.perf_counter() - start))  # fmt: skip
         del llm
 
     print(f"\n{args.model}: perplexity on {TEXT.name} ({args.window}-token windows); greedy agreement "
@@ -110,7 +148,8 @@ def main() -> None:
     print("| variant | weights MiB | perplexity | agreement | identical answers |")
     print("|---|---|---|---|---|")
     for q in rows:
-        print(f"| {q.label} | {q.weight_mib:.0f} | {q.perplexity:.3f} | {q.agreement:.1%} | "
+        ppl = "-" if q.perplexity is None else f"{q.perplexity:.3f}"
+        print(f"| {q.label} | {q.weight_mib:.0f} | {ppl} | {q.agreement:.1%} | "
               f"{q.identical}/{len(conversations)} |")  # fmt: skip
 
 
