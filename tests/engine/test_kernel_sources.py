@@ -7,9 +7,9 @@ engine/kernels/*.cpp goes through the compiler once per path, with the flags the
 but the path's -m flags for -march=native, and no code generated.
 
 NOTE: one translation unit per path includes every source, so torch's headers are parsed once
-per path (about 10 s of the 15), not once per source and path (4x the time). The sources'
-file-local names (anonymous namespaces) must therefore differ between files. Each file still
-compiles on its own in the real build, for the host's path.
+per path, not once per source and path (4x the CPU time). The sources' file-local names
+(anonymous namespaces) must therefore differ between files. Each file still compiles on its
+own in the real build, for the host's path.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch.utils import cpp_extension
 
 from engine import kernels
 
-pytestmark = pytest.mark.slow  # about 15 s of compiler per path, 40 s on 2 cores
+pytestmark = pytest.mark.slow  # about 10 s of compiler per path: 35 s on 2 idle cores
 
 # Each path: flags that select it whatever the host, and the macros it defines of those that
 # choose code (simd.h's KESTREL_*, and the compiler's that quant_blocks.h tests).
