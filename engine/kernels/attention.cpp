@@ -1,4 +1,17 @@
 // Attention straight from the paged cache (decodes, draft rows, prompt chunks).
+//
+// q: [num_rows, num_heads, head_dim] (rows may be strided); caches: [num_blocks, block_size,
+// num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks]. Sequence s owns the rows
+// [query_starts[s], query_starts[s + 1]), the newest tokens of its context_lens[s]: its last
+// row sits at position context_lens[s] - 1, each row before it one position earlier, and a row
+// attends to its own position and all before it. Decodes are one row, a draft's rows or a
+// prompt chunk several. Scores, softmax and the weighted sum of values are float32 and each
+// (row, head) is computed on its own in the same order of operations, so a row's result is
+// the same whichever batch, chunk or step computes it.
+//
+// The step is cut into work items (plan_items), and those into tasks for the threads; a task
+// runs four passes over its thread's float32 scratch: scores (q . k, scaled), softmax, values
+// (the softmax-weighted sum of v), and the store of the result in the model dtype.
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -256,17 +269,222 @@ inline void softmax_rows(float* scores, int64_t rows, int64_t len, int64_t strid
   }
 }
 
-// ---- The kernel ------------------------------------------------------------------------------
+// ---- Work items -------------------------------------------------------------------------------
 
-// Attention of every new token of a step, read straight from the paged cache.
-// q: [num_rows, num_heads, head_dim] (rows may be strided); caches: [num_blocks, block_size,
-// num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks]. Sequence s owns the rows
-// [query_starts[s], query_starts[s + 1]), the newest tokens of its context_lens[s]: its last
-// row sits at position context_lens[s] - 1, each row before it one position earlier, and a row
-// attends to its own position and all before it. Decodes are one row, a draft's rows or a
-// prompt chunk several. Scores, softmax and the weighted sum of values are float32 and each
-// (row, head) is computed on its own in the same order of operations, so a row's result is
-// the same whichever batch, chunk or step computes it.
+// A work item is a tile of consecutive rows of one sequence, which read each block of keys and
+// values once for all of them, with all kv heads (contiguous reads); or one kv head of it when
+// there are too few items to keep every thread busy. A tile's scores stay within about 256 KB
+// (L2).
+struct Item {
+  int64_t seq, first_row, num_rows, len;  // len: the context of its last row
+};
+
+// The step's items, costliest first: with items handed out one at a time, no thread is left
+// with a long one at the end.
+std::vector<Item> plan_items(const int64_t* starts, const int64_t* lens, int64_t num_seqs, int64_t num_heads) {
+  std::vector<Item> items;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t rows = starts[s + 1] - starts[s], earlier = lens[s] - rows;
+    const int64_t tile = std::clamp<int64_t>(64 * 1024 / (num_heads * lens[s]), 1, 16);
+    for (int64_t r = 0; r < rows; r += tile) {
+      const int64_t n = std::min(tile, rows - r);
+      items.push_back({s, r, n, earlier + r + n});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.len * a.num_rows > b.len * b.num_rows; });
+  return items;
+}
+
+// A task: one item, or one kv head's share of it (then `split` tasks per item), with everything
+// its passes read. They index (query row, query head) pairs r = t * heads + h, t the item's t-th
+// query row and h the h-th query head of the task; scores are [rows][len] and accumulators
+// [rows][head_dim], float32.
+template <typename T>
+struct Task {
+  const T* q;  // the task's query row 0, head 0
+  T* out;  // likewise in the output
+  int64_t q_row_stride, q_head_stride, out_row_stride;
+  int64_t kv_heads, group, heads;  // kv heads, query heads per kv head, query heads = kv_heads * group
+  int64_t rows;  // (query row, query head) pairs: num_rows * heads
+  int64_t len;  // positions the task reads: the context of its last row
+  int64_t base_len;  // row t sees base_len + t + 1 positions
+  int64_t head_dim, block_size, row_stride;
+  float scale;
+  PagedContext<T> keys, values;  // from the task's first kv head
+
+  const T* q_of(int64_t r) const { return q + (r / heads) * q_row_stride + (r % heads) * q_head_stride; }
+  T* out_of(int64_t r) const { return out + (r / heads) * out_row_stride + (r % heads) * head_dim; }
+  int64_t len_of(int64_t r) const { return base_len + r / heads + 1; }
+  // The keys or values of row r's kv head in a block.
+  const T* kv_of(const T* block, int64_t r) const { return block + ((r % heads) / group) * head_dim; }
+};
+
+// Whether bf16 rows with head_dim 64 keep queries and accumulators in the split order of
+// even8 / odd8: [4 chunks][8 even, 8 odd] (AVX2 without AVX-512).
+#ifdef KESTREL_AVX2_ONLY
+template <typename T>
+constexpr bool kSplitOrder = std::is_same_v<T, uint16_t>;
+#else
+template <typename T>
+constexpr bool kSplitOrder = false;
+#endif
+
+// ---- The passes of one task -------------------------------------------------------------------
+
+// Before the scores, where kSplitOrder: every query row widened to float32 in the split order.
+template <typename T>
+void split_queries(const Task<T>& task, std::vector<float>& q_split) {
+#ifdef KESTREL_AVX2_ONLY
+  if constexpr (kSplitOrder<T>) {
+    q_split.resize(task.rows * 64);
+    for (int64_t r = 0; r < task.rows; ++r) {
+      for (int j = 0; j < 4; ++j) {
+        const __m256i raw = load_raw16(task.q_of(r) + 16 * j);
+        _mm256_storeu_ps(q_split.data() + r * 64 + 16 * j, even8(raw));
+        _mm256_storeu_ps(q_split.data() + r * 64 + 16 * j + 8, odd8(raw));
+      }
+    }
+  }
+#endif
+}
+
+// Scores of one query row's heads, rows [r0, r0 + heads), against the first `seen` keys of the
+// block that starts at position `first`.
+template <typename T>
+void score_block(const Task<T>& task, const float* q_split, int64_t r0, int64_t first, const T* block,
+                 int64_t seen, float* scores) {
+  const int64_t len = task.len, group = task.group, head_dim = task.head_dim;
+#ifdef KESTREL_AVX512_BF16
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (head_dim == 64 && task.block_size == 16) {
+      for (int64_t r = r0; r < r0 + task.heads; ++r) {
+        const __m512 dots = block_scores64(task.q_of(r), task.kv_of(block, r), task.row_stride, seen);
+        _mm512_mask_storeu_ps(scores + r * len + first, (__mmask16)((1u << seen) - 1),
+                              _mm512_mul_ps(dots, _mm512_set1_ps(task.scale)));
+      }
+      return;
+    }
+  }
+#endif
+#ifdef KESTREL_AVX2_ONLY
+  if constexpr (kSplitOrder<T>) {
+    if (head_dim == 64) {
+      for (int64_t r = r0; r < r0 + task.heads; ++r) {
+        block_scores64_avx2(q_split + r * 64, task.kv_of(block, r), task.row_stride, seen, task.scale,
+                            scores + r * len + first);
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t i = 0; i < seen; ++i) {
+    for (int64_t h = 0; h < task.kv_heads; ++h) {
+      const T* k = block + i * task.row_stride + h * head_dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t r = r0 + h * group + g;
+        scores[r * len + first + i] = dot(task.q_of(r), k, head_dim) * task.scale;
+      }
+    }
+  }
+}
+
+// Pass 1: scores[r][p] = scale * q_r . k_p for each position p < len_of(r), block by block.
+template <typename T>
+void score_pass(const Task<T>& task, const float* q_split, float* scores) {
+  const int64_t width = task.kv_heads * task.head_dim;
+  task.keys.for_each_block([&](int64_t first, const T* block, int64_t n) {
+    if (first % kTouchWindow == 0) {  // the V pass then finds its rows in L2
+      task.keys.touch(first, kTouchWindow, width);
+      task.values.touch(first, kTouchWindow, width);
+    }
+    // Row (t, head) sees the block's first min(n, its context - first) keys.
+    for (int64_t r0 = 0; r0 < task.rows; r0 += task.heads) {
+      const int64_t seen = std::min(n, task.len_of(r0) - first);
+      if (seen > 0) score_block(task, q_split, r0, first, block, seen, scores);
+    }
+  });
+}
+
+// Pass 2: each row's scores become their softmax.
+template <typename T>
+void softmax_pass(const Task<T>& task, float* scores) {
+  for (int64_t r0 = 0; r0 < task.rows; r0 += task.heads) {
+    softmax_rows(scores + r0 * task.len, task.heads, task.len_of(r0), task.len);
+  }
+}
+
+// acc[r] += the first `seen` values of the block that starts at position `first`, weighted by
+// row r's softmax, for one query row's heads, rows [r0, r0 + heads).
+template <typename T>
+void accumulate_block(const Task<T>& task, const float* scores, int64_t r0, int64_t first, const T* block,
+                      int64_t seen, float* acc) {
+  const int64_t len = task.len, group = task.group, head_dim = task.head_dim;
+#ifdef KESTREL_AVX512_BF16
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (head_dim == 64) {
+      for (int64_t h = 0; h < task.kv_heads; ++h) {
+        for (int64_t g0 = 0; g0 < group; g0 += 4) {  // query heads of this kv head, 4 at a time
+          const int64_t count = std::min<int64_t>(4, group - g0);
+          const float* w[4];
+          float* a[4];
+          for (int64_t g = 0; g < count; ++g) {
+            w[g] = scores + (r0 + h * group + g0 + g) * len + first;
+            a[g] = acc + (r0 + h * group + g0 + g) * head_dim;
+          }
+          accumulate_block64(w, block + h * head_dim, task.row_stride, seen, a, count);
+        }
+      }
+      return;
+    }
+  }
+#endif
+#ifdef KESTREL_AVX2_ONLY
+  if constexpr (kSplitOrder<T>) {
+    if (head_dim == 64) {
+      for (int64_t r = r0; r < r0 + task.heads; ++r) {
+        accumulate_block64_avx2(scores + r * len + first, task.kv_of(block, r), task.row_stride, seen, acc + r * 64);
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t h = 0; h < task.kv_heads; ++h) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = r0 + h * group + g;
+      accumulate_rows(scores + r * len + first, block + h * head_dim, task.row_stride, seen, head_dim,
+                      acc + r * head_dim);
+    }
+  }
+}
+
+// Pass 3: acc[r] = sum over positions p < len_of(r) of softmax[r][p] * v_p, block by block.
+template <typename T>
+void value_pass(const Task<T>& task, const float* scores, float* acc) {
+  task.values.for_each_block([&](int64_t first, const T* block, int64_t n) {
+    for (int64_t r0 = 0; r0 < task.rows; r0 += task.heads) {
+      const int64_t seen = std::min(n, task.len_of(r0) - first);
+      if (seen > 0) accumulate_block(task, scores, r0, first, block, seen, acc);
+    }
+  });
+}
+
+// Pass 4: the accumulators rounded to T into the output, back in place from the split order.
+template <typename T>
+void store_pass(const Task<T>& task, const float* acc) {
+  for (int64_t r = 0; r < task.rows; ++r) {
+    T* o = task.out_of(r);
+    const float* a = acc + r * task.head_dim;
+    if (kSplitOrder<T> && task.head_dim == 64) {  // chunk j: 8 even elements, then 8 odd ones
+      for (int64_t d = 0; d < 64; ++d) o[d] = from_f32<T>(a[d / 16 * 16 + (d % 2) * 8 + d % 16 / 2]);
+    } else {
+      for (int64_t d = 0; d < task.head_dim; ++d) o[d] = from_f32<T>(a[d]);
+    }
+  }
+}
+
+// Attention of every new token of a step (see the top of this file): the tasks spread over the
+// threads, each through the passes above.
 template <typename T>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& block_tables, const at::Tensor& query_starts,
@@ -277,169 +495,53 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t q_row_stride = q.stride(0), q_head_stride = q.stride(1);
   const int64_t row_stride = num_kv_heads * head_dim;
   const T* qp = ptr<T>(q);
+  const T* kp = ptr<T>(k_cache);
+  const T* vp = ptr<T>(v_cache);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* starts = query_starts.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   T* op = ptr<T>(out);
   const float sc = static_cast<float>(scale);
 
-  // A work item is a tile of consecutive rows of one sequence, which read each block of keys
-  // and values once for all of them, with all kv heads (contiguous reads); or one kv head of
-  // it when there are too few items to keep every thread busy. A tile's scores stay within
-  // about 256 KB (L2).
-  struct Item {
-    int64_t seq, first_row, num_rows, len;  // len: the context of its last row
-  };
-  std::vector<Item> items;
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t rows = starts[s + 1] - starts[s], earlier = lens[s] - rows;
-    const int64_t tile = std::clamp<int64_t>(64 * 1024 / (num_heads * lens[s]), 1, 16);
-    for (int64_t r = 0; r < rows; r += tile) {
-      const int64_t n = std::min(tile, rows - r);
-      items.push_back({s, r, n, earlier + r + n});
-    }
-  }
-  // Costliest first: with items handed out one at a time, no thread is left with a long one at
-  // the end.
-  std::stable_sort(items.begin(), items.end(),
-                   [](const Item& a, const Item& b) { return a.len * a.num_rows > b.len * b.num_rows; });
+  const std::vector<Item> items = plan_items(starts, lens, num_seqs, num_heads);
   const int64_t split = static_cast<int64_t>(items.size()) < at::get_num_threads() ? num_kv_heads : 1;
-  const int64_t heads_per_item = num_kv_heads / split;
-  const int64_t num_items = static_cast<int64_t>(items.size()) * split;
+  const int64_t kv_heads = num_kv_heads / split;
+  const int64_t num_tasks = static_cast<int64_t>(items.size()) * split;
 
   #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> scores, acc, q_split;
     #pragma omp for schedule(dynamic, 1)
-    for (int64_t index = 0; index < num_items; ++index) {
+    for (int64_t index = 0; index < num_tasks; ++index) {
       const Item& item = items[index / split];
-      const int64_t s = item.seq, kv_first = (index % split) * heads_per_item;
-      // Row t of the tile has a context of base_len + t + 1 tokens; the tile reads len of them.
-      const int64_t len = item.len, base_len = len - item.num_rows;
-      const int64_t heads = heads_per_item * group;  // query heads per row
-      const int64_t rows = item.num_rows * heads;  // (row, query head) pairs
-      const T* q_first = qp + (starts[s] + item.first_row) * q_row_stride + kv_first * group * q_head_stride;
-      auto q_of = [&](int64_t r) { return q_first + (r / heads) * q_row_stride + (r % heads) * q_head_stride; };
-      auto len_of = [&](int64_t r) { return base_len + r / heads + 1; };
-      const int64_t* table = tables + s * max_blocks;
-      const PagedContext<T> keys{ptr<T>(k_cache) + kv_first * head_dim, table, block_size, row_stride, len};
-      const PagedContext<T> values{ptr<T>(v_cache) + kv_first * head_dim, table, block_size, row_stride, len};
-      scores.resize(rows * len);
-      acc.assign(rows * head_dim, 0.f);
-      const int64_t width = heads_per_item * head_dim;
-#ifdef KESTREL_AVX2_ONLY
-      constexpr bool split_order = std::is_same_v<T, uint16_t>;  // see even8 / odd8
-      if constexpr (split_order) {
-        if (head_dim == 64) {
-          q_split.resize(rows * 64);
-          for (int64_t r = 0; r < rows; ++r) {
-            for (int j = 0; j < 4; ++j) {
-              const __m256i raw = load_raw16(q_of(r) + 16 * j);
-              _mm256_storeu_ps(q_split.data() + r * 64 + 16 * j, even8(raw));
-              _mm256_storeu_ps(q_split.data() + r * 64 + 16 * j + 8, odd8(raw));
-            }
-          }
-        }
-      }
-#else
-      constexpr bool split_order = false;
-#endif
-      keys.for_each_block([&](int64_t first, const T* block, int64_t n) {
-        if (first % kTouchWindow == 0) {  // the V pass then finds its rows in L2
-          keys.touch(first, kTouchWindow, width);
-          values.touch(first, kTouchWindow, width);
-        }
-        // Row (t, head) sees the block's first min(n, its context - first) keys.
-        for (int64_t r0 = 0; r0 < rows; r0 += heads) {
-          const int64_t seen = std::min(n, len_of(r0) - first);
-          if (seen <= 0) continue;
-#ifdef KESTREL_AVX512_BF16
-          if constexpr (std::is_same_v<T, uint16_t>) {
-            if (head_dim == 64 && block_size == 16) {
-              for (int64_t r = r0; r < r0 + heads; ++r) {
-                const __m512 dots = block_scores64(q_of(r), block + ((r % heads) / group) * head_dim, row_stride, seen);
-                _mm512_mask_storeu_ps(scores.data() + r * len + first, (__mmask16)((1u << seen) - 1),
-                                      _mm512_mul_ps(dots, _mm512_set1_ps(sc)));
-              }
-              continue;
-            }
-          }
-#endif
-#ifdef KESTREL_AVX2_ONLY
-          if constexpr (split_order) {
-            if (head_dim == 64) {
-              for (int64_t r = r0; r < r0 + heads; ++r) {
-                block_scores64_avx2(q_split.data() + r * 64, block + ((r % heads) / group) * head_dim, row_stride,
-                                    seen, sc, scores.data() + r * len + first);
-              }
-              continue;
-            }
-          }
-#endif
-          for (int64_t i = 0; i < seen; ++i) {
-            for (int64_t h = 0; h < heads_per_item; ++h) {
-              const T* k = block + i * row_stride + h * head_dim;
-              for (int64_t g = 0; g < group; ++g) {
-                const int64_t r = r0 + h * group + g;
-                scores[r * len + first + i] = dot(q_of(r), k, head_dim) * sc;
-              }
-            }
-          }
-        }
-      });
-      for (int64_t r0 = 0; r0 < rows; r0 += heads) softmax_rows(scores.data() + r0 * len, heads, len_of(r0), len);
-      values.for_each_block([&](int64_t first, const T* block, int64_t n) {
-        for (int64_t r0 = 0; r0 < rows; r0 += heads) {
-          const int64_t seen = std::min(n, len_of(r0) - first);
-          if (seen <= 0) continue;
-#ifdef KESTREL_AVX512_BF16
-          if constexpr (std::is_same_v<T, uint16_t>) {
-            if (head_dim == 64) {
-              for (int64_t h = 0; h < heads_per_item; ++h) {
-                for (int64_t g0 = 0; g0 < group; g0 += 4) {  // query heads of this kv head, 4 at a time
-                  const int64_t count = std::min<int64_t>(4, group - g0);
-                  const float* w[4];
-                  float* a[4];
-                  for (int64_t g = 0; g < count; ++g) {
-                    w[g] = scores.data() + (r0 + h * group + g0 + g) * len + first;
-                    a[g] = acc.data() + (r0 + h * group + g0 + g) * head_dim;
-                  }
-                  accumulate_block64(w, block + h * head_dim, row_stride, seen, a, count);
-                }
-              }
-              continue;
-            }
-          }
-#endif
-#ifdef KESTREL_AVX2_ONLY
-          if constexpr (split_order) {
-            if (head_dim == 64) {
-              for (int64_t r = r0; r < r0 + heads; ++r) {
-                accumulate_block64_avx2(scores.data() + r * len + first, block + ((r % heads) / group) * head_dim,
-                                        row_stride, seen, acc.data() + r * 64);
-              }
-              continue;
-            }
-          }
-#endif
-          for (int64_t h = 0; h < heads_per_item; ++h) {
-            for (int64_t g = 0; g < group; ++g) {
-              const int64_t r = r0 + h * group + g;
-              accumulate_rows(scores.data() + r * len + first, block + h * head_dim, row_stride, seen, head_dim,
-                              acc.data() + r * head_dim);
-            }
-          }
-        }
-      });
-      for (int64_t r = 0; r < rows; ++r) {
-        T* o = op + ((starts[s] + item.first_row + r / heads) * num_heads + kv_first * group + r % heads) * head_dim;
-        const float* a = acc.data() + r * head_dim;
-        if (split_order && head_dim == 64) {  // chunk j: 8 even elements, then 8 odd ones
-          for (int64_t d = 0; d < 64; ++d) o[d] = from_f32<T>(a[d / 16 * 16 + (d % 2) * 8 + d % 16 / 2]);
-        } else {
-          for (int64_t d = 0; d < head_dim; ++d) o[d] = from_f32<T>(a[d]);
-        }
-      }
+      const int64_t kv_first = (index % split) * kv_heads, first_row = starts[item.seq] + item.first_row;
+      const int64_t* table = tables + item.seq * max_blocks;
+      const Task<T> task{
+          .q = qp + first_row * q_row_stride + kv_first * group * q_head_stride,
+          .out = op + (first_row * num_heads + kv_first * group) * head_dim,
+          .q_row_stride = q_row_stride,
+          .q_head_stride = q_head_stride,
+          .out_row_stride = num_heads * head_dim,
+          .kv_heads = kv_heads,
+          .group = group,
+          .heads = kv_heads * group,
+          .rows = item.num_rows * kv_heads * group,
+          .len = item.len,
+          .base_len = item.len - item.num_rows,
+          .head_dim = head_dim,
+          .block_size = block_size,
+          .row_stride = row_stride,
+          .scale = sc,
+          .keys = {kp + kv_first * head_dim, table, block_size, row_stride, item.len},
+          .values = {vp + kv_first * head_dim, table, block_size, row_stride, item.len},
+      };
+      scores.resize(task.rows * task.len);
+      acc.assign(task.rows * head_dim, 0.f);
+      if (kSplitOrder<T> && head_dim == 64) split_queries(task, q_split);
+      score_pass(task, q_split.data(), scores.data());
+      softmax_pass(task, scores.data());
+      value_pass(task, scores.data(), acc.data());
+      store_pass(task, acc.data());
     }
   }
 }
