@@ -55,6 +55,7 @@ REPLICA_DEPLOYMENT = "KestrelReplica"
 INGRESS_DEPLOYMENT = "KestrelIngress"
 REPLICA_HEADER = "x-kestrel-replica"  # names the replica that answered (its Ray Serve replica id)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+METRICS_INTERVAL_S = 5.0  # how often a replica copies its Prometheus samples into Ray's metrics
 _POW2_ROUTER = "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter"
 # The scope keys a replica needs; the rest (Ray's state, the proxy's extensions) stay behind.
 _SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path",
@@ -100,7 +101,17 @@ class KestrelReplica:
         self.app = create_app(self.engine, server_config)
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()  # starts the engine loop
+        self._metrics = _RayMetricsBridge(self.app.state.metrics.registry, self.name)
+        self._metrics_task = asyncio.create_task(self._export_metrics())
         logger.info("replica %s serves %s", self.name, self.engine.model_name)
+
+    async def _export_metrics(self) -> None:
+        while True:
+            try:
+                self._metrics.update()
+            except Exception:  # metrics must never take the replica down
+                logger.exception("exporting metrics to Ray failed")
+            await asyncio.sleep(METRICS_INTERVAL_S)
 
     async def handle(self, call: HTTPCall) -> AsyncIterator[list[Message]]:
         """Run the app on `call`; yield its ASGI messages, as many at a time as are ready.
@@ -152,7 +163,34 @@ class KestrelReplica:
             raise RuntimeError(f"replica {self.name}: the engine loop has stopped")
 
     async def __del__(self) -> None:
+        self._metrics_task.cancel()
         await self._lifespan.__aexit__(None, None, None)  # stops the engine loop
+
+
+class _RayMetricsBridge:
+    """Mirrors one replica's Prometheus samples (what its /metrics shows) into Ray gauges of the
+    same names plus a `replica` tag, which every node's Ray metrics agent exports for Prometheus
+    (as `ray_<name>`). Counters and histogram buckets become gauges holding their running totals,
+    so rate() and histogram_quantile() work on them as usual."""
+
+    def __init__(self, registry: Any, replica: str) -> None:
+        self._registry = registry
+        self._replica = replica
+        self._gauges: dict[str, Any] = {}
+
+    def update(self) -> None:
+        from ray.util.metrics import Gauge
+
+        for family in self._registry.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue  # prometheus_client's creation timestamps
+                gauge = self._gauges.get(sample.name)
+                if gauge is None:
+                    gauge = Gauge(sample.name, description=family.documentation or sample.name,
+                                  tag_keys=("replica", *sorted(sample.labels)))  # fmt: skip
+                    self._gauges[sample.name] = gauge
+                gauge.set(sample.value, tags={"replica": self._replica, **sample.labels})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +460,13 @@ def run(values: Mapping[str, Any]) -> int:
             file=sys.stderr,
             flush=True,
         )
+        metrics = ", ".join(
+            f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            for node in ray.nodes()
+            if node["Alive"]
+        )
+        print(f"kestrel: each replica's metrics, as ray_kestrel_*{{replica=...}}: {metrics}",
+              file=sys.stderr, flush=True)  # fmt: skip
         stop.wait()
     finally:
         if ray_config.address is None:

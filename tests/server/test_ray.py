@@ -120,6 +120,19 @@ def test_concurrent_chats_all_succeed_on_both_replicas(cluster: RayServer) -> No
     assert len(set(replicas)) == 2, replicas
 
 
+def test_each_replicas_metrics_reach_rays_exporter(cluster: RayServer) -> None:
+    """After the chats above, Ray's metrics endpoint shows each replica's request counter."""
+    (url,) = re.findall(r"ray_kestrel_\*\{replica=\.\.\.\}: (\S+)", cluster.log())
+
+    def replicas_counted() -> set[str]:
+        text = httpx.get(url, timeout=30).text
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_kestrel_http_requests_total{")]
+        return {m.group(1) for ln in lines if (m := re.search(r'replica="([^"]+)"', ln))}
+
+    wait_until(lambda: len(replicas_counted()) == 2, "both replicas' metrics in Ray's exporter",
+               timeout=120)  # fmt: skip
+
+
 def test_next_turn_lands_on_the_replica_of_the_first(cluster: RayServer) -> None:
     client = cluster.sdk()
     for topic in ("tides", "volcanoes", "bread"):
