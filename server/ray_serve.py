@@ -43,7 +43,7 @@ from ray.serve.request_router import (
 )
 from starlette.types import Message, Receive, Scope, Send
 
-from .errors import SERVER_ERROR, APIError
+from .errors import SERVER_ERROR, APIError, from_exception
 from .logs import EscapeFilter
 from .prefix_affinity import AffinityTable, prefix_hashes, prompt_text
 from .settings import RayConfig, ServerConfig, build_configs, build_ray_config
@@ -259,6 +259,13 @@ class _Forwarder:
                     error = APIError(503, "no replica could serve the request; retry later",
                                      type=SERVER_ERROR, code="replica_unavailable")  # fmt: skip
                     await _send_error(send, error)
+            except Exception as exc:  # Ray's own failures (back pressure, timeouts): one envelope
+                logger.exception("forwarding %s %s failed", scope["method"], scope["path"])
+                if started:
+                    await _end_interrupted(send, is_sse, from_exception(exc))
+                else:
+                    await _send_error(send, from_exception(exc))
+                return
 
 
 async def _trivial_lifespan(receive: Receive, send: Send) -> None:
@@ -294,13 +301,15 @@ def _drop_echoed_request_id(start: Message, request_id: bytes | None) -> Message
     return {**start, "headers": headers}
 
 
-async def _end_interrupted(send: Send, is_sse: bool) -> None:
-    """End a response whose replica died: an SSE stream gets an in-band error event and [DONE],
-    as the single server ends a stream that fails (serving._with_error_and_done)."""
+_REPLICA_DIED = APIError(503, "the replica serving this stream stopped; retry the request",
+                         type=SERVER_ERROR, code="replica_died")  # fmt: skip
+
+
+async def _end_interrupted(send: Send, is_sse: bool, error: APIError = _REPLICA_DIED) -> None:
+    """End a response cut short (its replica died): an SSE stream gets an in-band error event and
+    [DONE], as the single server ends a stream that fails (serving._with_error_and_done)."""
     tail = b""
     if is_sse:
-        error = APIError(503, "the replica serving this stream stopped; retry the request",
-                         type=SERVER_ERROR, code="replica_died")  # fmt: skip
         tail = b"data: " + json.dumps(error.body()).encode() + b"\n\ndata: [DONE]\n\n"
     await send({"type": "http.response.body", "body": tail, "more_body": False})
 
