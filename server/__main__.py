@@ -12,7 +12,13 @@ from collections.abc import Sequence
 import uvicorn
 
 from .logs import EscapeFilter
-from .settings import SettingsError, build_configs, format_config, resolve_values
+from .settings import (
+    SettingsError,
+    build_configs,
+    build_ray_config,
+    format_config,
+    resolve_values,
+)
 
 logger = logging.getLogger("kestrel.server")
 
@@ -21,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         values = resolve_values(env=os.environ, argv=sys.argv[1:] if argv is None else argv)
         engine_config, server_config = build_configs(values)
+        ray_config = build_ray_config(values)
     except SettingsError as exc:
         print(f"kestrel: {exc}", file=sys.stderr)
         return 2
@@ -32,6 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers=[handler],
     )
     print("kestrel: effective configuration\n" + format_config(values), file=sys.stderr, flush=True)
+    if ray_config.is_enabled:
+        try:
+            from .ray_serve import run
+        except ImportError as exc:
+            print(f"kestrel: --replicas needs Ray Serve ({exc}); pip install -e '.[ray]'",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        return run(values)
 
     # Read once, when torch loads OpenMP: hence here, before the engine's first import.
     os.environ.setdefault("OMP_WAIT_POLICY", server_config.thread_wait_policy.upper())

@@ -45,6 +45,33 @@ class ServerConfig:
     sampling_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
+ROUTING_POLICIES = ("prefix", "pow2")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Kestrel on Ray Serve (server/ray_serve.py); `replicas == 0` serves without Ray."""
+
+    replicas: int = 0  # engine replicas at start (each a Ray actor with its own engine)
+    address: str | None = None  # an existing cluster ("auto", "host:6379"); None: start a local one
+    min_replicas: int | None = None  # autoscaling bounds; both None: a fixed number of replicas
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 16.0  # per replica, what autoscaling steers towards
+    max_ongoing_requests: int = 64  # per replica; more wait in the router for a free replica
+    replica_cpus: float = 1.0  # CPUs Ray reserves for each replica
+    routing: str = "prefix"  # prefix (affinity, then power of two choices) | pow2
+    affinity_max_imbalance: int = 4  # ongoing requests the affine replica may hold beyond the least loaded
+    proxy_ready_timeout: float = 120.0  # seconds Serve's HTTP proxy may take to start (busy hosts)
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.replicas > 0
+
+    @property
+    def is_autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # Value parsers: each takes a TOML value or a string (env / flag) and returns the typed value.
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +255,16 @@ KNOBS: tuple[Knob, ...] = (
     Knob("server", "sse_ping_interval", _at_least(_parse_float, 0), 15.0, "seconds between keep-alive comments on idle streams (0: off)"),
     Knob("server", "retry_after", _at_least(_parse_int, 0), 1, "seconds sent in Retry-After when the queue is full"),
     Knob("server", "grammar_compile_timeout", _at_least(_parse_float, 0), 10.0, "seconds a structured output's schema or grammar may take to compile (400 beyond)"),
+    Knob("ray", "replicas", _at_least(_parse_int, 0), 0, "engine replicas behind Ray Serve's HTTP proxy; 0: one process, no Ray"),
+    Knob("ray", "ray_address", _optional(_parse_str), None, "join this Ray cluster (\"auto\": the one `ray start` made here); unset: start a local one"),
+    Knob("ray", "min_replicas", _optional(_at_least(_parse_int, 0)), None, "autoscaling: fewest replicas (unset with max_replicas unset: no autoscaling)"),
+    Knob("ray", "max_replicas", _opt_int, None, "autoscaling: most replicas"),
+    Knob("ray", "target_ongoing_requests", _at_least(_parse_float, 0.1), 16.0, "autoscaling: ongoing requests per replica to steer towards"),
+    Knob("ray", "max_ongoing_requests", _at_least(_parse_int, 1), 64, "requests one replica takes at once; more wait in the router"),
+    Knob("ray", "replica_cpus", _at_least(_parse_float, 0), 1.0, "CPUs Ray reserves per replica (num_threads defaults to it)"),
+    Knob("ray", "routing", _choice(*ROUTING_POLICIES), "prefix", "prefix: to the replica that served the prompt's prefix unless it is busy, else power of two choices; pow2: Ray's default"),
+    Knob("ray", "affinity_max_imbalance", _at_least(_parse_int, 0), 4, "ongoing requests the prefix's replica may hold beyond the least loaded before routing by load"),
+    Knob("ray", "proxy_ready_timeout", _at_least(_parse_float, 1), 120.0, "seconds Ray Serve's HTTP proxy may take to start (RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S)"),
     Knob("sampling", "default_temperature", _opt_float, None, "used when a request has no temperature (before the model's default)"),
     Knob("sampling", "default_top_p", _opt_float, None, "used when a request has no top_p"),
     Knob("sampling", "default_top_k", _optional(_parse_int), None, "used when a request has no top_k"),
@@ -400,6 +437,31 @@ def build_configs(values: Mapping[str, Any]) -> tuple[EngineConfig, ServerConfig
         sampling_defaults=MappingProxyType(sampling),
     )
     return engine_config, server_config
+
+
+def build_ray_config(values: Mapping[str, Any]) -> RayConfig:
+    """The [ray] settings; checks the autoscaling bounds against the starting replicas."""
+    config = RayConfig(
+        replicas=values["replicas"],
+        address=values["ray_address"],
+        min_replicas=values["min_replicas"],
+        max_replicas=values["max_replicas"],
+        target_ongoing_requests=values["target_ongoing_requests"],
+        max_ongoing_requests=values["max_ongoing_requests"],
+        replica_cpus=values["replica_cpus"],
+        routing=values["routing"],
+        affinity_max_imbalance=values["affinity_max_imbalance"],
+        proxy_ready_timeout=values["proxy_ready_timeout"],
+    )
+    if config.is_autoscaling:
+        low = config.min_replicas if config.min_replicas is not None else 1
+        high = config.max_replicas if config.max_replicas is not None else max(low, config.replicas)
+        if not low <= max(config.replicas, 1) <= high:
+            raise SettingsError(
+                f"replicas ({config.replicas}) must lie within min_replicas ({low}) and "
+                f"max_replicas ({high})"
+            )
+    return config
 
 
 def format_config(values: Mapping[str, Any]) -> str:
