@@ -524,6 +524,10 @@ class Tokenizer:
         backend.encode_special_tokens = True
         return backend
 
+    def chat_template_source(self, tools: list[dict[str, Any]] | None = None) -> str | None:
+        """The template text used for a conversation with (or without) `tools`."""
+        return self._chat_templates.get(self._template_name(tools))
+
     def _template_name(self, tools: list[dict[str, Any]] | None) -> str:
         return "tool_use" if tools is not None and "tool_use" in self._chat_templates else "default"
 

@@ -359,11 +359,6 @@ def check_stream_options(request: _SamplingFields) -> None:
 
 def check_chat_supported(request: ChatCompletionRequest) -> None:
     """Refuse fields that would change the output but are not implemented."""
-    choice = request.tool_choice
-    if choice is not None and choice not in ("none", "auto"):
-        raise unsupported(
-            "tool_choice", "only tool_choice 'none' and 'auto' are supported (no forced tool calls)"
-        )
     if request.functions is not None or request.function_call is not None:
         raise unsupported(
             "functions" if request.functions is not None else "function_call",

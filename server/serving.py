@@ -44,6 +44,7 @@ from .protocol import (
 )
 from .settings import ServerConfig
 from .structured_outputs import GrammarService
+from .tool_calls import ToolCalling, ToolPlan
 
 logger = logging.getLogger("kestrel.serving")
 
@@ -289,6 +290,7 @@ class Serving:
         self.sampling_defaults = {**(engine.generation_defaults or {}), **server_defaults}
         self.token_text = TokenText(self.tokenizer)
         self.grammars = GrammarService(engine.grammar_compiler, config.grammar_compile_timeout)
+        self.tool_calling = ToolCalling(self.tokenizer, config.tool_call_parser)
 
     # -- models -------------------------------------------------------------------------------
 
@@ -335,7 +337,8 @@ class Serving:
     ) -> list[int]:
         assert request.messages is not None
         messages = messages_for_template(request.messages)
-        tools = tools_for_template(request.tools)
+        # tool_choice "none": the model is not told of tools it may not call.
+        tools = None if getattr(request, "tool_choice", None) == "none" else tools_for_template(request.tools)
         kwargs = {
             k: v
             for k, v in (request.chat_template_kwargs or {}).items()
@@ -426,15 +429,23 @@ class Serving:
         params = to_sampling_params(
             request, self.sampling_defaults, default_max_tokens=self.default_max_tokens
         )
-        params.grammar = await self.grammars.compile(request)
+        tools = self.tool_calling.plan(request)
+        if tools is not None and tools.keeps_special_tokens and request.skip_special_tokens is None:
+            params.skip_special_tokens = False
+        params.grammar = await self.grammars.compile(request, tools.grammar if tools else None)
         prompt = await self._chat_prompt(request)
         given = request.max_completion_tokens is not None or request.max_tokens is not None
         self._check_context(len(prompt), params, "messages", max_tokens_given=given)
         call = _Call(self, raw, "chatcmpl", model, [prompt], params, "messages")
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return await call.stream(self._chat_chunks(call, include_usage))
+            return await call.stream(self._chat_chunks(call, include_usage, tools))
         choices = await call.collect()
+        messages = [
+            tools.message("".join(c.text), c.finish_reason) if tools
+            else ({"role": "assistant", "content": "".join(c.text)}, c.finish_reason)
+            for c in choices
+        ]  # fmt: skip
         return json_response(
             {
                 "id": call.api_id,
@@ -444,11 +455,11 @@ class Serving:
                 "choices": [
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": "".join(c.text)},
+                        "message": messages[i][0],
                         "logprobs": self._chat_logprobs(c.logprobs)
                         if params.logprobs is not None
                         else None,
-                        "finish_reason": c.finish_reason,
+                        "finish_reason": messages[i][1],
                         "stop_reason": c.stop_reason,
                     }
                     for i, c in enumerate(choices)
@@ -475,7 +486,9 @@ class Serving:
             ],
         }
 
-    async def _chat_chunks(self, call: _Call, include_usage: bool) -> AsyncIterator[str]:
+    async def _chat_chunks(
+        self, call: _Call, include_usage: bool, tools: ToolPlan | None
+    ) -> AsyncIterator[str]:
         head = f'{{"id":{dumps(call.api_id)},"object":"chat.completion.chunk","created":{call.created},"model":{dumps(call.model)},"choices":['
         tail = ',"usage":null}' if include_usage else "}"
         want_logprobs = call.params.logprobs is not None
@@ -490,8 +503,21 @@ class Serving:
 
         for i in range(call.params.n):
             yield chunk(i, {"role": "assistant", "content": ""})
+        streams = [tools.stream() for _ in call.choices] if tools else None
+        held: list[list[TokenLogprob]] = [[] for _ in call.choices]  # logprobs of held-back text
         async with contextlib.aclosing(call.deltas()) as deltas:
             async for index, delta in deltas:
+                if streams is not None:  # content and tool-call deltas; logprobs ride on the next
+                    held[index] += delta.logprobs or ()
+                    finish = delta.finish_reason
+                    for part in streams[index].feed(delta.text, finish is not None):
+                        logprobs = self._chat_logprobs(held[index]) if want_logprobs else None
+                        held[index] = []
+                        yield chunk(index, part, logprobs=logprobs)
+                    if finish is not None:
+                        logprobs = self._chat_logprobs(held[index]) if want_logprobs and held[index] else None
+                        yield chunk(index, {}, streams[index].finish_reason(finish), logprobs)
+                    continue
                 if delta.text or (want_logprobs and delta.logprobs):
                     logprobs = self._chat_logprobs(delta.logprobs) if want_logprobs else None
                     yield chunk(index, {"content": delta.text}, logprobs=logprobs)

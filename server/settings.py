@@ -41,6 +41,7 @@ class ServerConfig:
     # OMP_WAIT_POLICY for the process's kernel threads, set before torch loads (see default.toml)
     thread_wait_policy: str = "passive"
     grammar_compile_timeout: float = 10.0  # seconds a structured output's grammar may take to compile
+    tool_call_parser: str = "auto"  # the model's tool-call syntax (server/tool_calls.py PARSERS)
     # Sampling defaults between the request's values and the model's generation_config.json.
     sampling_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -255,6 +256,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("server", "sse_ping_interval", _at_least(_parse_float, 0), 15.0, "seconds between keep-alive comments on idle streams (0: off)"),
     Knob("server", "retry_after", _at_least(_parse_int, 0), 1, "seconds sent in Retry-After when the queue is full"),
     Knob("server", "grammar_compile_timeout", _at_least(_parse_float, 0), 10.0, "seconds a structured output's schema or grammar may take to compile (400 beyond)"),
+    Knob("server", "tool_call_parser", _choice("auto", "hermes", "llama3_json", "mistral"), "auto", "the model's tool-call syntax; auto: the one its chat template prompts for"),
     Knob("ray", "replicas", _at_least(_parse_int, 0), 0, "engine replicas behind Ray Serve's HTTP proxy; 0: one process, no Ray"),
     Knob("ray", "ray_address", _optional(_parse_str), None, "join this Ray cluster (\"auto\": the one `ray start` made here); unset: start a local one"),
     Knob("ray", "min_replicas", _optional(_at_least(_parse_int, 0)), None, "autoscaling: fewest replicas (unset with max_replicas unset: no autoscaling)"),
@@ -434,6 +436,7 @@ def build_configs(values: Mapping[str, Any]) -> tuple[EngineConfig, ServerConfig
         retry_after=values["retry_after"],
         thread_wait_policy=values["thread_wait_policy"],
         grammar_compile_timeout=values["grammar_compile_timeout"],
+        tool_call_parser=values["tool_call_parser"],
         sampling_defaults=MappingProxyType(sampling),
     )
     return engine_config, server_config

@@ -25,6 +25,8 @@ MAX_COMPILE_THREADS = 2
 class GrammarRequest:
     spec: GrammarSpec
     param: str  # the request field errors name
+    describe: str | None = None  # what errors call it (default: by kind)
+    code: str | None = None  # the error code of an invalid one (default: by kind)
 
 
 def grammar_request(request: ChatCompletionRequest | CompletionRequest) -> GrammarRequest | None:
@@ -124,8 +126,11 @@ class GrammarService:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def compile(self, request: ChatCompletionRequest | CompletionRequest) -> CompiledGrammar | None:
-        ask = grammar_request(request)
+    async def compile(
+        self, request: ChatCompletionRequest | CompletionRequest, ask: GrammarRequest | None = None
+    ) -> CompiledGrammar | None:
+        """The grammar of `ask` (a forced tool call's), else the one the request asks for."""
+        ask = ask or grammar_request(request)
         if ask is None:
             return None
         cached = self.compiler.cached(ask.spec)
@@ -141,13 +146,14 @@ class GrammarService:
             logger.warning("grammar compile exceeded %.1f s: %s", self.timeout, ask.spec.text[:200])
             raise APIError(
                 400,
-                f"the {_describe(ask.spec)} took longer than {self.timeout:g} s to compile; simplify it",
+                f"the {ask.describe or _describe(ask.spec)} took longer than {self.timeout:g} s to compile; simplify it",
                 param=ask.param,
                 code="grammar_too_complex",
             ) from None
         except GrammarError as exc:
-            code = "invalid_json_schema" if ask.spec.kind == "json_schema" else "invalid_grammar"
-            raise APIError(400, f"invalid {_describe(ask.spec)}: {exc}", param=ask.param, code=code) from None
+            code = ask.code or ("invalid_json_schema" if ask.spec.kind == "json_schema" else "invalid_grammar")
+            raise APIError(400, f"invalid {ask.describe or _describe(ask.spec)}: {exc}", param=ask.param,
+                           code=code) from None
 
 
 def _describe(spec: GrammarSpec) -> str:

@@ -126,6 +126,20 @@ def server(
 
 
 @pytest.fixture(scope="session")
+def qwen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server on Qwen2.5-Coder-0.5B-Instruct (its chat template renders tools)."""
+    from engine.assets import resolve_model
+
+    proc = start_server(
+        resolve_model("qwen2.5-coder-0.5b-instruct"),
+        tmp_path_factory.mktemp("qwen"),
+        "--kv-cache-memory", "128MiB",
+    )  # fmt: skip
+    yield proc
+    assert proc.terminate() == 0, proc.log()[-4000:]
+
+
+@pytest.fixture(scope="session")
 def client(server: ServerProcess) -> OpenAI:
     return server.sdk()
 

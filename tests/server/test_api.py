@@ -107,9 +107,10 @@ def test_chat_multi_turn_system_and_content_parts(
     tools = [
         {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
     ]
+    # SmolLM2's template cannot render tools: tool_choice "none" is served, "auto" is a 400
     r = http.post(
         "/v1/chat/completions",
-        json={"messages": tool_turn, "tools": tools, "tool_choice": "auto", "max_tokens": 2},
+        json={"messages": tool_turn, "tools": tools, "tool_choice": "none", "max_tokens": 2},
     )
     assert r.status_code == 200, r.text
 

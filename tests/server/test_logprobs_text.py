@@ -6,13 +6,12 @@ stop string cuts in two is not listed: then they fall short of it by that token'
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import ServerProcess, parse_sse, start_server, stream_json
+from .conftest import ServerProcess, parse_sse, stream_json
 
 pytestmark = pytest.mark.slow  # real model weights and servers
 
@@ -22,19 +21,6 @@ COMPLETIONS = "/v1/completions"
 SHORT = [{"role": "user", "content": "Reply with one word: yes or no?"}]
 # Greedy SmolLM2: "1. Red: This is the most obvious colour, ..." (tokens "1", ".", " Red", ...).
 LONG = [{"role": "user", "content": "Name three colours."}]
-
-
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    from engine.assets import resolve_model
-
-    proc = start_server(
-        resolve_model("qwen2.5-coder-0.5b-instruct"),
-        tmp_path_factory.mktemp("qwen"),
-        "--kv-cache-memory", "128MiB",
-    )  # fmt: skip
-    yield proc
-    assert proc.terminate() == 0, proc.log()[-4000:]
 
 
 # -- one answer, as returned (text, listed tokens as bytes and strings, finish, usage) ----------
