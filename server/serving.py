@@ -183,6 +183,12 @@ class RequestGroup:
         for task in self._tasks:
             task.cancel()
 
+    def fail(self, exc: BaseException) -> None:
+        """End the call with `exc`, ahead of any output not yet consumed; abort the requests."""
+        self.close()
+        self._pending.appendleft((0, exc))
+        self._ready.set()
+
 
 # ---------------------------------------------------------------------------------------------
 # Per-choice accumulation
@@ -287,6 +293,18 @@ class Serving:
         self.default_max_tokens: int | None = server_defaults.pop("max_tokens", None)
         self.sampling_defaults = {**(engine.generation_defaults or {}), **server_defaults}
         self.token_text = TokenText(self.tokenizer)
+        self._calls: set[_Call] = set()  # calls whose engine requests are in flight
+        self._closed_with: APIError | None = None
+
+    def abort_all(self, error: APIError, reason: str) -> int:
+        """End every call in flight with `error` (a stream: an in-band error event, then [DONE]),
+        logged as `aborted=<reason>`; calls that start later get `error` at once. Returns how
+        many calls were ended."""
+        self._closed_with = error
+        calls = list(self._calls)
+        for call in calls:
+            call.abort(error, reason)
+        return len(calls)
 
     # -- models -------------------------------------------------------------------------------
 
@@ -713,8 +731,17 @@ class _Call:
         state["prompt_tokens"] = self.num_prompt_tokens
 
     def _start(self) -> RequestGroup:
+        if self.serving._closed_with is not None:
+            raise self.serving._closed_with
         self.group = RequestGroup(self.serving.engine, self.prompts, self.params, self.api_id)
+        self.serving._calls.add(self)
         return self.group
+
+    def abort(self, error: APIError, reason: str) -> None:
+        """End the call with `error` (see Serving.abort_all)."""
+        self.state["aborted"] = reason
+        if self.group is not None:
+            self.group.fail(error)
 
     def usage(self) -> dict[str, Any]:
         completion = sum(c.num_tokens for c in self.choices)
@@ -753,6 +780,7 @@ class _Call:
         finally:
             self._record(finished=False)
             self.group.close()
+            self.serving._calls.discard(self)
 
     def _prompt_error(self, exc: RequestError) -> APIError:
         """An engine refusal, naming the prompt as this endpoint calls it (messages / prompt)."""
@@ -812,10 +840,11 @@ class _Call:
             raise self._prompt_error(exc) from None
         except BaseException:
             group.close()
+            self.serving._calls.discard(self)
             raise
         config = self.serving.config
         return EventSourceResponse(
-            _with_error_and_done(chunks, group, config.retry_after),
+            _with_error_and_done(chunks, group, config.retry_after, self.state),
             ping=config.sse_ping_interval,
             sep="\n",
             ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
@@ -835,9 +864,13 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def _with_error_and_done(
-    chunks: AsyncGenerator[str, None], group: RequestGroup, retry_after: int
+    chunks: AsyncGenerator[str, None],
+    group: RequestGroup,
+    retry_after: int,
+    state: dict[str, Any],
 ) -> AsyncIterator[str]:
-    """SSE data lines: the chunks, an in-band error if one occurs, then [DONE]."""
+    """SSE data lines: the chunks, an in-band error if one occurs (noted in `state` for the access
+    log), then [DONE]."""
     try:
         async for chunk in chunks:
             yield chunk
@@ -845,7 +878,8 @@ async def _with_error_and_done(
         raise
     except Exception as exc:
         error = from_exception(exc, retry_after=retry_after)
-        if error.status >= 500:
+        state["in_band_error"] = error
+        if error.status >= 500 and "aborted" not in state:
             logger.error("stream failed: %s", exc, exc_info=not isinstance(exc, APIError))
         yield dumps(error.body())
     finally:

@@ -35,7 +35,7 @@ class ServerConfig:
     max_request_bytes: int = 8 * 1024 * 1024
     log_level: str = "info"
     access_log: bool = True
-    drain_timeout: float = 30.0  # seconds in-flight requests may finish after SIGTERM
+    drain_timeout: float = 8.0  # seconds in-flight requests may finish after SIGTERM (see default.toml)
     sse_ping_interval: float = 15.0  # seconds between SSE comment pings
     retry_after: int = 1  # seconds, sent with 429
     # OMP_WAIT_POLICY for the process's kernel threads, set before torch loads (see default.toml)
@@ -223,7 +223,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("server", "max_request_bytes", parse_size, 8 * 1024 * 1024, "largest accepted request body (413 beyond)"),
     Knob("server", "log_level", _choice(*LOG_LEVELS), "info", "logging level"),
     Knob("server", "access_log", _parse_bool, True, "log one line per request"),
-    Knob("server", "drain_timeout", _at_least(_parse_float, 0), 30.0, "seconds in-flight requests may finish after SIGTERM"),
+    Knob("server", "drain_timeout", _at_least(_parse_float, 0), 8.0, "seconds in-flight requests may finish after SIGTERM; then they end with a 503 and the process exits within 1 s"),
     Knob("server", "sse_ping_interval", _at_least(_parse_float, 0), 15.0, "seconds between keep-alive comments on idle streams (0: off)"),
     Knob("server", "retry_after", _at_least(_parse_int, 0), 1, "seconds sent in Retry-After when the queue is full"),
     Knob("sampling", "default_temperature", _opt_float, None, "used when a request has no temperature (before the model's default)"),
