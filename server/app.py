@@ -214,7 +214,7 @@ def _install_error_handlers(app: FastAPI, config: ServerConfig) -> None:
 
 
 def _install_openapi(app: FastAPI) -> None:
-    """Add the hand-read request bodies' schemas (see routes.read_body) to the OpenAPI document."""
+    """Add the hand-read request bodies' schemas (see routes.read_request) to the OpenAPI document."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
