@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from engine.config import EngineConfig
 from engine.errors import EngineDead, EngineOverloaded, RequestError
@@ -89,27 +90,51 @@ class AsyncEngine:
 
     # -- requests ---------------------------------------------------------------------------
 
+    def add_requests(
+        self, requests: Sequence[tuple[str, list[int], SamplingParams]]
+    ) -> list[AsyncIterator[RequestOutput]]:
+        """Queue `(request_id, prompt_token_ids, params)` requests, all of them or none: every check
+        (EngineDead, a RequestError, EngineOverloaded when they would not all fit in the queue)
+        runs before the first is queued. Returns each request's outputs; `abort(request_id)`, or
+        closing its iterator before the end, aborts it before its next engine step."""
+        if not self.is_alive:
+            raise EngineDead("the engine is not running")
+        for request_id, prompt_token_ids, params in requests:
+            if request_id in self._streams:
+                raise ValueError(f"duplicate request id {request_id!r}")
+            self.engine.check_request(prompt_token_ids, params)
+        num_waiting = len(self._not_started)
+        if requests and num_waiting + len(requests) > self.max_waiting:
+            raise EngineOverloaded(f"{num_waiting} requests are already waiting")
+        outputs = []
+        for request_id, prompt_token_ids, params in requests:
+            stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+            self._streams[request_id] = stream
+            self._not_started.add(request_id)
+            self._commands.put(("add", request_id, list(prompt_token_ids), params))
+            outputs.append(self._outputs(request_id, stream))
+        self._wakeup.set()
+        return outputs
+
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        if not self.is_alive:
-            raise EngineDead("the engine is not running")
-        if request_id in self._streams:
-            raise ValueError(f"duplicate request id {request_id!r}")
-        self.engine.check_request(prompt_token_ids, params)
-        if isinstance(params.grammar, GrammarSpec):  # compiled here, not on the engine thread
+        """One request's outputs; it is queued when the iteration starts, after a grammar spec
+        is compiled (off the event loop, not on the engine thread)."""
+        if isinstance(params.grammar, GrammarSpec):
             try:
                 compiled = await asyncio.to_thread(self.grammar_compiler.compile, params.grammar)
             except GrammarError as exc:
                 raise RequestError(f"invalid grammar: {exc}", param="grammar") from None
             params = dataclasses.replace(params, grammar=compiled)
-        if len(self._not_started) >= self.max_waiting:
-            raise EngineOverloaded(f"{len(self._not_started)} requests are already waiting")
-        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._not_started.add(request_id)
-        self._commands.put(("add", request_id, list(prompt_token_ids), params))
-        self._wakeup.set()
+        [outputs] = self.add_requests([(request_id, prompt_token_ids, params)])
+        async with contextlib.aclosing(outputs):  # type: ignore[type-var]
+            async for output in outputs:
+                yield output
+
+    async def _outputs(
+        self, request_id: str, stream: asyncio.Queue[RequestOutput]
+    ) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -117,12 +142,18 @@ class AsyncEngine:
                 finished = output.finished
                 yield output
         finally:
-            self._streams.pop(request_id, None)
-            self._not_started.discard(request_id)
-            if not finished:
+            if finished:
+                self._streams.pop(request_id, None)
+                self._not_started.discard(request_id)
+            else:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        """Stop a request (no effect once it has finished): the engine drops it before its next
+        step, and its outputs are no longer delivered."""
+        if self._streams.pop(request_id, None) is None:
+            return
+        self._not_started.discard(request_id)
         self._commands.put(("abort", request_id))
         self._wakeup.set()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from .settings import (
     format_config,
     resolve_values,
 )
+from .shutdown import UVICORN_MARGIN, exit_now, install_signal_handlers
 
 logger = logging.getLogger("kestrel.server")
 
@@ -70,19 +70,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_config=None,  # keep the logging set up above
             log_level=server_config.log_level,
             access_log=False,  # the app logs one structured line per request
-            timeout_graceful_shutdown=server_config.drain_timeout,
+            # A backstop only: the app's drain (server/shutdown.py) ends every call in time.
+            timeout_graceful_shutdown=server_config.drain_timeout + UVICORN_MARGIN,
             lifespan="on",
         )
     )
     # HTTP runs on a second thread and the engine loop on this one, where the CPU kernels are
     # fastest (see AsyncEngine). uvicorn installs no signal handlers off the main thread, so a
-    # SIGTERM / SIGINT here asks it to shut down gracefully: stop accepting, drain, then stop
-    # the engine through the app's lifespan.
-    def request_shutdown(*_: object) -> None:
+    # SIGTERM / SIGINT here asks it to shut down gracefully: stop accepting, drain (the app ends
+    # what is still running when drain_timeout ends), then stop the engine through the app's
+    # lifespan. A second signal, or the watchdog, exits at once.
+    def request_exit() -> None:
         server.should_exit = True
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, request_shutdown)
+    install_signal_handlers(request_exit, app.state.drain, server_config.drain_timeout)
     http = threading.Thread(target=server.run, name="kestrel-http")
     http.start()
     engine.run_forever(alongside=http)
@@ -91,4 +92,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -39,6 +40,7 @@ from .protocol import format_param
 from .routes import REQUEST_MODELS, VERSION, router
 from .serving import ClientDisconnected, Serving
 from .settings import ServerConfig
+from .shutdown import ABORTED, Drain, shutdown_error
 
 logger = logging.getLogger("kestrel.server")
 access_logger = logging.getLogger("kestrel.access")
@@ -60,12 +62,16 @@ def error_response(error: APIError) -> Response:
 class RequestContextMiddleware:
     """Per request: id (a safe X-Request-Id honoured, else generated; echoed back), API key check,
     one `key=value` access line (escaped, see logs.format_fields) and the request counter. Turns
-    any escaped exception into a JSON 500."""
+    any escaped exception into a JSON 500.
 
-    def __init__(self, app: ASGIApp, config: ServerConfig, metrics: Metrics) -> None:
+    The logged status is the outcome: a stream that ended with an in-band error is logged with
+    that error's status, not the 200 its headers carried."""
+
+    def __init__(self, app: ASGIApp, config: ServerConfig, metrics: Metrics, drain: Drain) -> None:
         self.app = app
         self.config = config
         self.metrics = metrics
+        self.drain = drain
         self._api_key = config.api_key.encode() if config.api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -106,6 +112,15 @@ class RequestContextMiddleware:
                 await error_response(error)(scope, receive, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if not self.drain.is_draining:
+                raise
+            # uvicorn's backstop cancelled a response the drain could not end: log it, no traceback.
+            state["aborted"] = ABORTED
+            if status == 0:
+                await error_response(shutdown_error())(scope, receive, send_with_id)
+            else:
+                status = 503
         except Exception as exc:
             logger.exception("request %s failed", request_id)
             if status == 0:
@@ -113,6 +128,9 @@ class RequestContextMiddleware:
             else:
                 status = 500
         finally:
+            in_band = state.get("in_band_error")
+            if in_band is not None:
+                status = in_band.status
             self._record(scope, state, request_id, status, start)
 
     def _is_authorized(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
@@ -135,6 +153,8 @@ class RequestContextMiddleware:
                 "path": scope["path"][:200],
                 "status": status,
             }
+            if "aborted" in state:
+                fields["aborted"] = state["aborted"]
             if "prompt_tokens" in state:
                 fields["prompt_tokens"] = state["prompt_tokens"]
                 fields["completion_tokens"] = state.get("completion_tokens", 0)
@@ -194,7 +214,7 @@ def _install_error_handlers(app: FastAPI, config: ServerConfig) -> None:
 
 
 def _install_openapi(app: FastAPI) -> None:
-    """Add the hand-read request bodies' schemas (see routes.read_body) to the OpenAPI document."""
+    """Add the hand-read request bodies' schemas (see routes.read_request) to the OpenAPI document."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -217,11 +237,13 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     config = config or ServerConfig()
     metrics = Metrics(engine.stats)
     serving = Serving(engine, config, metrics)
+    drain = Drain(serving.abort_all)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         serving.grammars.start()
+        drain.bind(asyncio.get_running_loop())
         logger.info("serving %s as %s", engine.model_name, ", ".join(serving.model_names))
         try:
             yield
@@ -240,7 +262,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
                 expose_headers=["X-Request-Id"],
             )
         )
-    middleware.append(Middleware(RequestContextMiddleware, config=config, metrics=metrics))
+    middleware.append(Middleware(RequestContextMiddleware, config=config, metrics=metrics, drain=drain))
     app = FastAPI(
         title="Kestrel",
         description="An OpenAI-compatible LLM inference server.",
@@ -252,10 +274,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     app.state.config = config
     app.state.metrics = metrics
     app.state.serving = serving
+    app.state.drain = drain
     app.include_router(router)
     _install_error_handlers(app, config)
     _install_openapi(app)
     # NOTE: sse-starlette would cancel open streams as soon as SIGTERM arrives; Kestrel lets them
-    # finish within drain_timeout (uvicorn's graceful shutdown) instead.
+    # finish within drain_timeout, then ends them itself (server/shutdown.py).
     AppStatus.disable_automatic_graceful_drain()
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,8 +26,9 @@ _TYPE_TAG = re.compile(
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def parse_json(raw: bytes) -> Any:
-    """Decode a request body: UTF-8 only, no NaN / Infinity / overflowing numbers, no lone surrogates."""
+def parse_json(raw: bytes, check: Callable[[Any], None] | None = None) -> Any:
+    """Decode a request body: UTF-8 only, no NaN / Infinity / overflowing numbers, no lone
+    surrogates. `check` sees the decoded value first (cheap bounds before the walk over it)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -47,6 +48,8 @@ def parse_json(raw: bytes) -> Any:
         raise bad_request(
             f"malformed JSON: {truncate(str(exc), 200)}", code="invalid_json"
         ) from None
+    if check is not None:
+        check(data)
     _check_values(data, [])
     return data
 

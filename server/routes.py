@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from . import limits
 from .errors import APIError, truncate
+from .limits import RequestLimits
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -21,6 +24,7 @@ from .protocol import (
 )
 from .serving import Serving, json_response
 
+Model = TypeVar("Model", bound=BaseModel)
 router = APIRouter()
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     ChatCompletionRequest,
@@ -51,12 +55,39 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-async def read_body(request: Request) -> Any:
-    """The parsed JSON body; 415 unless the Content-Type is JSON, 413 past max_request_bytes
-    (declared or streamed), 400 if not JSON.
+async def read_request(
+    request: Request, model: type[Model], check: Callable[[dict[str, Any], RequestLimits], None]
+) -> Model:
+    """The body as `model`: read here, then parsed, bounded (`check`, see limits.py) and validated
+    off the event loop."""
+    serving = _serving(request)
+    raw = await read_body(request)
+    return await serving.off_loop(_parse_request, raw, model, check, serving.limits)
 
-    NOTE: parsed here rather than by FastAPI so that NaN/Infinity, invalid UTF-8, lone surrogates
-    and a wrong or missing Content-Type are handled the same way on every endpoint.
+
+def _parse_request(
+    raw: bytes,
+    model: type[Model],
+    check: Callable[[dict[str, Any], RequestLimits], None],
+    limits: RequestLimits,
+) -> Model:
+    def bounded(data: Any) -> None:
+        if isinstance(data, dict):
+            check(data, limits)
+
+    return validate(model, parse_json(raw, bounded))
+
+
+def _no_check(data: dict[str, Any], limits: RequestLimits) -> None:
+    pass
+
+
+async def read_body(request: Request) -> bytes:
+    """The raw JSON body; 415 unless the Content-Type is JSON, 413 past max_request_bytes
+    (declared or streamed).
+
+    NOTE: read and parsed here rather than by FastAPI so that NaN/Infinity, invalid UTF-8, lone
+    surrogates and a wrong or missing Content-Type are handled the same way on every endpoint.
     """
     _check_content_type(request.headers.get("content-type"))
     limit: int = request.app.state.config.max_request_bytes
@@ -70,7 +101,7 @@ async def read_body(request: Request) -> Any:
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    return parse_json(b"".join(chunks))
+    return b"".join(chunks)
 
 
 def _check_content_type(header: str | None) -> None:
@@ -106,7 +137,7 @@ def _too_large(limit: int) -> APIError:
     summary="Create a chat completion (streaming with `stream: true`)",
 )
 async def chat_completions(request: Request) -> Response:
-    body = validate(ChatCompletionRequest, await read_body(request))
+    body = await read_request(request, ChatCompletionRequest, limits.check_chat)
     return await _serving(request).chat(body, request)
 
 
@@ -116,7 +147,7 @@ async def chat_completions(request: Request) -> Response:
     summary="Create a text completion (streaming with `stream: true`)",
 )
 async def completions(request: Request) -> Response:
-    body = validate(CompletionRequest, await read_body(request))
+    body = await read_request(request, CompletionRequest, limits.check_completion)
     return await _serving(request).completion(body, request)
 
 
@@ -135,16 +166,18 @@ async def retrieve_model(request: Request, model: str) -> Response:
     "/tokenize", openapi_extra=_json_body(TokenizeRequest), summary="Text or messages -> token ids"
 )
 async def tokenize(request: Request) -> Response:
-    body = validate(TokenizeRequest, await read_body(request))
-    return json_response(await _serving(request).tokenize(body))
+    body = await read_request(request, TokenizeRequest, limits.check_chat)
+    serving = _serving(request)
+    return await serving.off_loop(json_response, await serving.tokenize(body))
 
 
 @router.post(
     "/detokenize", openapi_extra=_json_body(DetokenizeRequest), summary="Token ids -> text"
 )
 async def detokenize(request: Request) -> Response:
-    body = validate(DetokenizeRequest, await read_body(request))
-    return json_response(await _serving(request).detokenize(body))
+    body = await read_request(request, DetokenizeRequest, limits.check_detokenize)
+    serving = _serving(request)
+    return await serving.off_loop(json_response, await serving.detokenize(body))
 
 
 @router.api_route(

@@ -13,7 +13,8 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
@@ -29,6 +30,7 @@ from engine import (
 )
 
 from .errors import APIError, bad_request, from_exception
+from .limits import RequestLimits
 from .metrics import Metrics
 from .protocol import (
     ChatCompletionRequest,
@@ -51,8 +53,10 @@ logger = logging.getLogger("kestrel.serving")
 # A streaming response starts once every engine request has produced its first output or this
 # many seconds have passed; admission errors (400 / 429) arriving before then are HTTP errors.
 ADMISSION_WAIT = 1.0
-# Prompts longer than this (characters) are tokenized off the event loop.
-INLINE_TOKENIZE_CHARS = 8192
+# Threads that parse, validate, render and tokenize requests off the event loop: two, so that one
+# huge request does not hold up every other's preparation, and no more, so that they leave the
+# engine its cores.
+NUM_PREP_THREADS = 2
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MIN_LOGPROB = -9999.0  # -inf is not JSON
 _TEMPLATE_RESERVED = (
@@ -64,6 +68,7 @@ _TEMPLATE_RESERVED = (
     "add_special_tokens",
 )
 
+T = TypeVar("T")
 _engine_request_ids = itertools.count()
 _END = object()
 
@@ -100,9 +105,10 @@ class RequestGroup:
     """The engine requests of one API call (one per prompt), merged into one stream of
     `(prompt_index, RequestOutput)`.
 
-    Each engine generator is drained by its own task; `close()` cancels the tasks, which closes
-    the generators and so aborts the engine requests (freeing their KV blocks). An exception from
-    a generator (admission errors arrive first) is re-raised to the consumer.
+    The requests are admitted all together or not at all (the constructor raises the engine's
+    refusal). Each one's outputs are drained by its own task; `close()` aborts the unfinished
+    requests at once (the engine drops them before its next step, freeing their KV blocks) and
+    cancels the tasks. An exception from a generator is re-raised to the consumer.
     """
 
     def __init__(
@@ -116,12 +122,15 @@ class RequestGroup:
         self._ready = asyncio.Event()
         self._num_open = len(prompts)
         self._started = [False] * len(prompts)
+        self._finished = [False] * len(prompts)
+        self._engine = engine
         seq = next(_engine_request_ids)
+        self._request_ids = [f"{api_id}-{seq}-{i}" for i in range(len(prompts))]
+        outputs = engine.add_requests(
+            [(request_id, prompt, params) for request_id, prompt in zip(self._request_ids, prompts)]
+        )
         self._tasks = [
-            asyncio.create_task(
-                self._drain(i, engine.generate(prompt, params, f"{api_id}-{seq}-{i}"))
-            )
-            for i, prompt in enumerate(prompts)
+            asyncio.create_task(self._drain(i, generator)) for i, generator in enumerate(outputs)
         ]
 
     async def _drain(self, index: int, generator: AsyncIterator[RequestOutput]) -> None:
@@ -129,6 +138,7 @@ class RequestGroup:
             try:
                 async for output in generator:
                     self._push(index, output)
+                self._finished[index] = True
             finally:
                 await generator.aclose()  # type: ignore[attr-defined]
         except asyncio.CancelledError:
@@ -182,8 +192,17 @@ class RequestGroup:
                 yield index, item
 
     def close(self) -> None:
+        for request_id, finished in zip(self._request_ids, self._finished):
+            if not finished:
+                self._engine.abort(request_id)
         for task in self._tasks:
             task.cancel()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the call with `exc`, ahead of any output not yet consumed; abort the requests."""
+        self.close()
+        self._pending.appendleft((0, exc))
+        self._ready.set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +310,35 @@ class Serving:
         self.token_text = TokenText(self.tokenizer)
         self.grammars = GrammarService(engine.grammar_compiler, config.grammar_compile_timeout)
         self.tool_calling = ToolCalling(self.tokenizer, config.tool_call_parser)
+        self.limits = RequestLimits(
+            max_prompts=config.max_prompts,
+            max_messages=config.max_messages,
+            max_content_parts=config.max_content_parts,
+            max_logit_bias=config.max_logit_bias,
+            max_token_ids=config.max_token_ids,
+            max_waiting=engine.max_waiting,
+        )
+        self._prep = ThreadPoolExecutor(NUM_PREP_THREADS, thread_name_prefix="kestrel-prep")
+        backend = self.tokenizer.backend
+        max_token_chars = max((len(t) for t in backend.get_vocab()), default=1)
+        self._max_prompt_chars_per_token = max_token_chars * (
+            1 if backend.normalizer is None else 4
+        )
+        # The first render compiles the template (~0.6 s holding the GIL): not in a request.
+        with contextlib.suppress(Exception):
+            self.tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
+        self._calls: set[_Call] = set()  # calls whose engine requests are in flight
+        self._closed_with: APIError | None = None
+
+    def abort_all(self, error: APIError, reason: str) -> int:
+        """End every call in flight with `error` (a stream: an in-band error event, then [DONE]),
+        logged as `aborted=<reason>`; calls that start later get `error` at once. Returns how
+        many calls were ended."""
+        self._closed_with = error
+        calls = list(self._calls)
+        for call in calls:
+            call.abort(error, reason)
+        return len(calls)
 
     # -- models -------------------------------------------------------------------------------
 
@@ -323,17 +371,21 @@ class Serving:
 
     # -- tokenization -------------------------------------------------------------------------
 
-    async def _off_loop(
-        self, size: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
-    ) -> Any:
-        if size <= INLINE_TOKENIZE_CHARS:
-            return fn(*args, **kwargs)
-        return await asyncio.to_thread(fn, *args, **kwargs)
+    async def off_loop(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """fn(*args, **kwargs) on a preparation thread: the event loop only moves requests in and
+        deltas out."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prep, functools.partial(fn, *args, **kwargs))
 
     async def _chat_prompt(
         self,
         request: ChatCompletionRequest | TokenizeRequest,
         add_special_tokens: bool = False,
+    ) -> list[int]:
+        return await self.off_loop(self._encode_chat, request, add_special_tokens)
+
+    def _encode_chat(
+        self, request: ChatCompletionRequest | TokenizeRequest, add_special_tokens: bool
     ) -> list[int]:
         assert request.messages is not None
         messages = messages_for_template(request.messages)
@@ -344,13 +396,9 @@ class Serving:
             for k, v in (request.chat_template_kwargs or {}).items()
             if k not in _TEMPLATE_RESERVED
         }
-        # Tools count too: they are rendered into the prompt text that is encoded.
-        size = sum(len(str(m.get("content") or "")) for m in messages) + len(str(tools or ""))
         # encode_chat is the one path to a chat's token ids: only the template's markup becomes
         # special tokens, client strings stay text.
-        return await self._off_loop(
-            size,
-            self.tokenizer.encode_chat,
+        return self.tokenizer.encode_chat(
             messages,
             tools,
             request.add_generation_prompt and not request.continue_final_message,
@@ -358,6 +406,21 @@ class Serving:
             add_special_tokens=add_special_tokens,
             **kwargs,
         )
+
+    def _check_prompt_chars(self, text: str) -> None:
+        """400 context_length_exceeded, without tokenizing, for a text too long to ever fit: no
+        token spans more than `max_token_chars` characters (times a slack for a normalizer that
+        may shorten the text first)."""
+        min_tokens = len(text) // self._max_prompt_chars_per_token
+        if min_tokens > self.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your prompt of {len(text)} characters has at least {min_tokens} tokens. Please "
+                "reduce the length of the prompt.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = self.tokenizer.vocab_size
@@ -393,15 +456,15 @@ class Serving:
         self.resolve_model(request.model)
         if (request.prompt is None) == (request.messages is None):
             raise bad_request("give exactly one of prompt or messages", param="prompt")
+        return await self.off_loop(self._tokenize, request)
+
+    def _tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
         if request.messages is not None:
-            ids = await self._chat_prompt(
-                request, add_special_tokens=bool(request.add_special_tokens)
-            )
+            ids = self._encode_chat(request, bool(request.add_special_tokens))
         else:
+            assert request.prompt is not None
             add_special = True if request.add_special_tokens is None else request.add_special_tokens
-            ids = await self._off_loop(
-                len(request.prompt), self.tokenizer.encode, request.prompt, add_special
-            )
+            ids = self.tokenizer.encode(request.prompt, add_special)
         body: dict[str, Any] = {
             "count": len(ids),
             "max_model_len": self.max_model_len,
@@ -414,11 +477,11 @@ class Serving:
 
     async def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
         self.resolve_model(request.model)
+        return await self.off_loop(self._detokenize, request)
+
+    def _detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
         self._check_token_ids(request.tokens, "tokens")
-        text = await self._off_loop(
-            len(request.tokens), self.tokenizer.decode, request.tokens, skip_special_tokens=False
-        )
-        return {"prompt": text}
+        return {"prompt": self.tokenizer.decode(request.tokens, skip_special_tokens=False)}
 
     # -- chat ---------------------------------------------------------------------------------
 
@@ -538,7 +601,7 @@ class Serving:
             default_max_tokens=self.default_max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS,
         )
         params.grammar = await self.grammars.compile(request)
-        prompts, prompt_texts = await self._completion_prompts(request)
+        prompts, prompt_texts = await self.off_loop(self._completion_prompts, request)
         longest = max(len(prompt) for prompt in prompts)
         given = request.max_tokens is not None
         self._check_context(longest, params, "prompt", max_tokens_given=given)
@@ -575,9 +638,7 @@ class Serving:
             }
         )
 
-    async def _completion_prompts(
-        self, request: CompletionRequest
-    ) -> tuple[list[list[int]], list[str]]:
+    def _completion_prompts(self, request: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         prompt = request.prompt
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -587,9 +648,9 @@ class Serving:
         texts: list[str] = []
         if isinstance(prompt[0], str):
             for text in prompt:
-                ids = await self._off_loop(
-                    len(text), self.tokenizer.encode, text, request.add_special_tokens
-                )
+                self._check_prompt_chars(text)
+            for text in prompt:
+                ids = self.tokenizer.encode(text, request.add_special_tokens)
                 prompts.append(ids)
                 texts.append(text)
         else:
@@ -743,8 +804,20 @@ class _Call:
         state["prompt_tokens"] = self.num_prompt_tokens
 
     def _start(self) -> RequestGroup:
-        self.group = RequestGroup(self.serving.engine, self.prompts, self.params, self.api_id)
+        if self.serving._closed_with is not None:
+            raise self.serving._closed_with
+        try:
+            self.group = RequestGroup(self.serving.engine, self.prompts, self.params, self.api_id)
+        except RequestError as exc:
+            raise self._prompt_error(exc) from None
+        self.serving._calls.add(self)
         return self.group
+
+    def abort(self, error: APIError, reason: str) -> None:
+        """End the call with `error` (see Serving.abort_all)."""
+        self.state["aborted"] = reason
+        if self.group is not None:
+            self.group.fail(error)
 
     def usage(self) -> dict[str, Any]:
         completion = sum(c.num_tokens for c in self.choices)
@@ -783,6 +856,7 @@ class _Call:
         finally:
             self._record(finished=False)
             self.group.close()
+            self.serving._calls.discard(self)
 
     def _prompt_error(self, exc: RequestError) -> APIError:
         """An engine refusal, naming the prompt as this endpoint calls it (messages / prompt)."""
@@ -842,10 +916,11 @@ class _Call:
             raise self._prompt_error(exc) from None
         except BaseException:
             group.close()
+            self.serving._calls.discard(self)
             raise
         config = self.serving.config
         return EventSourceResponse(
-            _with_error_and_done(chunks, group, config.retry_after),
+            _with_error_and_done(chunks, group, config.retry_after, self.state),
             ping=config.sse_ping_interval,
             sep="\n",
             ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
@@ -865,9 +940,13 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def _with_error_and_done(
-    chunks: AsyncGenerator[str, None], group: RequestGroup, retry_after: int
+    chunks: AsyncGenerator[str, None],
+    group: RequestGroup,
+    retry_after: int,
+    state: dict[str, Any],
 ) -> AsyncIterator[str]:
-    """SSE data lines: the chunks, an in-band error if one occurs, then [DONE]."""
+    """SSE data lines: the chunks, an in-band error if one occurs (noted in `state` for the access
+    log), then [DONE]."""
     try:
         async for chunk in chunks:
             yield chunk
@@ -875,7 +954,8 @@ async def _with_error_and_done(
         raise
     except Exception as exc:
         error = from_exception(exc, retry_after=retry_after)
-        if error.status >= 500:
+        state["in_band_error"] = error
+        if error.status >= 500 and "aborted" not in state:
             logger.error("stream failed: %s", exc, exc_info=not isinstance(exc, APIError))
         yield dumps(error.body())
     finally:

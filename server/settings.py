@@ -33,9 +33,15 @@ class ServerConfig:
     model_aliases: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     max_request_bytes: int = 8 * 1024 * 1024
+    # Bounds on the work one request may ask for (server/limits.py); beyond them a 400.
+    max_prompts: int = 256
+    max_messages: int = 2048
+    max_content_parts: int = 2048
+    max_logit_bias: int = 300
+    max_token_ids: int = 131072
     log_level: str = "info"
     access_log: bool = True
-    drain_timeout: float = 30.0  # seconds in-flight requests may finish after SIGTERM
+    drain_timeout: float = 8.0  # seconds in-flight requests may finish after SIGTERM (see default.toml)
     sse_ping_interval: float = 15.0  # seconds between SSE comment pings
     retry_after: int = 1  # seconds, sent with 429
     # OMP_WAIT_POLICY for the process's kernel threads, set before torch loads (see default.toml)
@@ -250,9 +256,14 @@ KNOBS: tuple[Knob, ...] = (
     Knob("server", "api_key", _optional(_parse_str), None, "require `Authorization: Bearer <key>` on every route but /health"),
     Knob("server", "cors_origins", _parse_list, (), "origins allowed by CORS (\"*\" for any); empty: CORS off"),
     Knob("server", "max_request_bytes", parse_size, 8 * 1024 * 1024, "largest accepted request body (413 beyond)"),
+    Knob("server", "max_prompts", _at_least(_parse_int, 1), 256, "prompts in one /v1/completions request (400 beyond; also beyond max_waiting, which could never admit them)"),
+    Knob("server", "max_messages", _at_least(_parse_int, 1), 2048, "messages in one chat or /tokenize request (400 beyond)"),
+    Knob("server", "max_content_parts", _at_least(_parse_int, 1), 2048, "content parts over all of a request's messages (400 beyond)"),
+    Knob("server", "max_logit_bias", _at_least(_parse_int, 0), 300, "logit_bias entries (OpenAI's limit; 400 beyond)"),
+    Knob("server", "max_token_ids", _at_least(_parse_int, 1), 131072, "token ids in /detokenize or over a completions request's prompts (400 beyond)"),
     Knob("server", "log_level", _choice(*LOG_LEVELS), "info", "logging level"),
     Knob("server", "access_log", _parse_bool, True, "log one line per request"),
-    Knob("server", "drain_timeout", _at_least(_parse_float, 0), 30.0, "seconds in-flight requests may finish after SIGTERM"),
+    Knob("server", "drain_timeout", _at_least(_parse_float, 0), 8.0, "seconds in-flight requests may finish after SIGTERM; then they end with a 503 and the process exits within 1 s"),
     Knob("server", "sse_ping_interval", _at_least(_parse_float, 0), 15.0, "seconds between keep-alive comments on idle streams (0: off)"),
     Knob("server", "retry_after", _at_least(_parse_int, 0), 1, "seconds sent in Retry-After when the queue is full"),
     Knob("server", "grammar_compile_timeout", _at_least(_parse_float, 0), 10.0, "seconds a structured output's schema or grammar may take to compile (400 beyond)"),
@@ -429,6 +440,11 @@ def build_configs(values: Mapping[str, Any]) -> tuple[EngineConfig, ServerConfig
         model_aliases=tuple(values["model_aliases"]),
         cors_origins=tuple(values["cors_origins"]),
         max_request_bytes=values["max_request_bytes"],
+        max_prompts=values["max_prompts"],
+        max_messages=values["max_messages"],
+        max_content_parts=values["max_content_parts"],
+        max_logit_bias=values["max_logit_bias"],
+        max_token_ids=values["max_token_ids"],
         log_level=values["log_level"],
         access_log=values["access_log"],
         drain_timeout=values["drain_timeout"],

@@ -188,14 +188,16 @@ def test_in_band_error_framing() -> None:
         )
 
     async def collect(group) -> list[str]:
-        return [item async for item in _with_error_and_done(chunks(), group, 1)]
+        return [item async for item in _with_error_and_done(chunks(), group, 1, state)]
 
     group = _Group()
+    state: dict = {}
     events = asyncio.run(collect(group))
     assert events[0] == '{"choices": []}' and events[-1] == "[DONE]" and len(events) == 3
     assert json.loads(events[1]) == {"error": {"message": "the engine failed the request: boom",
                                                "type": "server_error", "param": None, "code": "engine_error"}}  # fmt: skip
     assert group.closed
+    assert state["in_band_error"].status == 500  # the access log's status
 
 
 def test_health_is_not_affected_by_errors(server: ServerProcess, http: httpx.Client) -> None:
@@ -211,12 +213,15 @@ def test_unexpected_exception_is_a_json_500_with_request_id() -> None:
     from server.app import RequestContextMiddleware
     from server.metrics import Metrics
     from server.settings import ServerConfig
+    from server.shutdown import Drain
 
     async def broken_app(scope, receive, send) -> None:
         raise RuntimeError("y" * 100_000)
 
     metrics = Metrics(lambda: EngineStats(0, 0, 0, 1, 0, 0, 0))
-    app = RequestContextMiddleware(broken_app, ServerConfig(access_log=False), metrics)
+    app = RequestContextMiddleware(
+        broken_app, ServerConfig(access_log=False), metrics, Drain(lambda error, reason: 0)
+    )
 
     async def call() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
