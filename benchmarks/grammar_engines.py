@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.assets import resolve_model  # noqa: E402
 from engine.grammar import apply_bitmask, apply_bitmask_torch, bitmask_words  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
+from server.serving import TokenText  # noqa: E402
 
 MODELS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")
 ENGINES = ("llguidance", "xgrammar", "outlines-core")
@@ -86,43 +86,12 @@ WIDE_SCHEMA = {
     "additionalProperties": False,
 }  # fmt: skip
 
-_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
-    """Each token id's bytes as it adds them to the text (b"" for ids past the tokenizer's
-    vocabulary and for special tokens, which decoding skips)."""
-    backend = tokenizer.backend
-    byte_level = type(backend.decoder).__name__ == "ByteLevel"
-    alphabet = _byte_level_alphabet() if byte_level else {}
-    specials = tokenizer.all_special_ids
-    out = []
-    for token_id in range(vocab_size):
-        token = backend.id_to_token(token_id)
-        if token is None or token_id in specials:
-            out.append(b"")
-        elif byte_level:
-            try:
-                out.append(bytes(alphabet[ch] for ch in token))
-            except KeyError:  # an added token outside the alphabet
-                out.append(token.encode("utf-8"))
-        elif m := _BYTE_TOKEN.match(token):
-            out.append(bytes([int(m.group(1), 16)]))
-        else:
-            out.append(token.replace("\u2581", " ").encode("utf-8"))
-    return out
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """The inverse of byte-level BPE's byte -> printable character table."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    table = {chr(b): b for b in printable}
-    shifted = 0
-    for b in range(256):
-        if b not in printable:
-            table[chr(256 + shifted)] = b
-            shifted += 1
-    return table
+def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
+    """Each token id's bytes as it adds them to the text (the server's TokenText), b"" for
+    special tokens, which decoding skips, and for ids past the tokenizer's vocabulary."""
+    text = TokenText(tokenizer)
+    specials = set(tokenizer.all_special_ids)
+    return [b"" if i in specials else text.token_bytes(i) for i in range(vocab_size)]
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
