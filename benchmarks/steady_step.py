@@ -51,10 +51,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--speculative-tokens", type=int, default=0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--no-fused-stack", action="store_true", help="run the decoder layers module by module")
     args = parser.parse_args()
 
     scheduler = SchedulerConfig(speculative_tokens=args.speculative_tokens)
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, scheduler=scheduler))
+    decoder = engine.model.model
+    print(f"fused decoder stack: {'off' if args.no_fused_stack else 'on' if decoder.fused_stack else 'unavailable'}")
+    if args.no_fused_stack:
+        decoder.fused_stack = None
     for num_seqs in [int(n) for n in args.sequences.split(",")]:
         times = step_times(engine, num_seqs, args.context, args.steps)
         median = statistics.median(times)

@@ -61,9 +61,8 @@ class KernelOps(Protocol):
     ) -> torch.Tensor: ...
     def decoder_layers(
         self, hidden: torch.Tensor, input_norms: list[torch.Tensor], post_norms: list[torch.Tensor],
-        qkv_weights: list[torch.Tensor], qkv_biases: list[torch.Tensor | None], o_weights: list[torch.Tensor],
-        gate_up_weights: list[torch.Tensor], down_weights: list[torch.Tensor], linear_types: list[int],
-        final_norm: torch.Tensor,
+        linear_weights: list[torch.Tensor], linear_types: list[int], linear_parts: list[int],
+        qkv_biases: list[torch.Tensor | None], final_norm: torch.Tensor,
         eps: float, num_heads: int, num_kv_heads: int, positions: torch.Tensor, cos: torch.Tensor,
         sin: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
         slot_mapping: torch.Tensor, block_tables: torch.Tensor, query_starts: torch.Tensor,

@@ -24,9 +24,8 @@ TORCH_LIBRARY(kestrel, m) {
         "Tensor query_starts, Tensor context_lens, float scale) -> Tensor");
 #ifdef KESTREL_AVX2
   m.def("fma_linear(Tensor x, Tensor w_panels, Tensor? bias) -> Tensor");
-  m.def("decoder_layers(Tensor(c!) hidden, Tensor[] input_norms, Tensor[] post_norms, Tensor[] qkv_weights, "
-        "Tensor?[] qkv_biases, Tensor[] o_weights, Tensor[] gate_up_weights, Tensor[] down_weights, "
-        "int[] linear_types, Tensor final_norm, float eps, int num_heads, int num_kv_heads, Tensor positions, Tensor cos, "
+  m.def("decoder_layers(Tensor(c!) hidden, Tensor[] input_norms, Tensor[] post_norms, Tensor[] linear_weights, "
+        "int[] linear_types, int[] linear_parts, Tensor?[] qkv_biases, Tensor final_norm, float eps, int num_heads, int num_kv_heads, Tensor positions, Tensor cos, "
         "Tensor sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slot_mapping, Tensor block_tables, "
         "Tensor query_starts, Tensor context_lens, float scale) -> Tensor");
 #endif

@@ -69,12 +69,11 @@ at::Tensor attend_paged(const at::Tensor& q, const at::Tensor& k_cache, const at
 // out[M, N] = x[M, K] @ w^T + bias, bf16, with w in panels [N / 16, K, 16].
 at::Tensor fma_linear(const at::Tensor& x, const at::Tensor& w_panels, const c10::optional<at::Tensor>& bias);
 // The decoder layers of a Llama / Qwen2 model in one call, every linear on fma_linear or on
-// quant_linear (quant_ops.cpp) as linear_types says.
+// quant_linear (quant_ops.cpp) as linear_types says, in one or more parts (linear_parts).
 at::Tensor decoder_layers(const at::Tensor& hidden_in, const at::TensorList input_norms,
-                          const at::TensorList post_norms, const at::TensorList qkv_weights,
-                          const c10::List<c10::optional<at::Tensor>>& qkv_biases, const at::TensorList o_weights,
-                          const at::TensorList gate_up_weights, const at::TensorList down_weights,
-                          at::IntArrayRef linear_types, const at::Tensor& final_norm, double eps, int64_t num_heads, int64_t num_kv_heads,
+                          const at::TensorList post_norms, const at::TensorList linear_weights,
+                          at::IntArrayRef linear_types, at::IntArrayRef linear_parts,
+                          const c10::List<c10::optional<at::Tensor>>& qkv_biases, const at::Tensor& final_norm, double eps, int64_t num_heads, int64_t num_kv_heads,
                           const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                           const at::TensorList k_caches, const at::TensorList v_caches,
                           const at::Tensor& slot_mapping, const at::Tensor& block_tables,

@@ -1,7 +1,8 @@
 """A Llama-family decoder stack as one call of the fused CPU kernel (`decoder_layers`).
 
 Where every layer linear runs the FMA kernel (engine/layers/linear.py) or the quantized one on
-GGUF blocks of a single type (engine/layers/quantized.py), and only q/k/v carry biases, the
+GGUF blocks (engine/layers/quantized.py; a linear whose shards differ in block type in one part
+per type), and only q/k/v carry biases, the
 kernel runs all decoder layers and the final norm in one call, with the same kernels in the same
 order as the modules: the same result to the bit, without ~300 Python and dispatcher round trips
 per step.
@@ -26,14 +27,13 @@ class FusedDecoderStack:
 
     input_norms: list[torch.Tensor]  # [hidden_size]
     post_norms: list[torch.Tensor]  # [hidden_size]
-    qkv_weights: list[torch.Tensor]  # FMA panels (kernels.fma_panels) or GGUF blocks
-    qkv_biases: list[torch.Tensor | None]
-    o_weights: list[torch.Tensor]
-    gate_up_weights: list[torch.Tensor]
-    down_weights: list[torch.Tensor]
-    # per layer, of its qkv, o, gate_up and down weights: the GGML type of their blocks, or
-    # FMA_PANELS
+    # Every layer's qkv, o, gate_up and down linears in that order, each in one or more parts:
+    # the parts' weights (FMA panels from kernels.fma_panels, or GGUF blocks), their types (the
+    # GGML type of the blocks, or FMA_PANELS), and four part counts per layer.
+    linear_weights: list[torch.Tensor]
     linear_types: list[int]
+    linear_parts: list[int]
+    qkv_biases: list[torch.Tensor | None]
     final_norm: torch.Tensor
     eps: float
     num_heads: int
@@ -49,20 +49,18 @@ class FusedDecoderStack:
             return None
         attns, mlps = [layer.self_attn for layer in layers], [layer.mlp for layer in layers]
         linears = [(a.qkv_proj, a.o_proj, p.gate_up_proj, p.down_proj) for a, p in zip(attns, mlps, strict=True)]
-        weights = [[_kernel_weight(m) for m in layer] for layer in linears]
-        if any(w is None for layer in weights for w in layer):
+        parts = [_kernel_parts(m) for layer in linears for m in layer]
+        if any(p is None for p in parts):
             return None
         if any(m.bias is not None for layer in linears for m in layer[1:]):
             return None
         return cls(
             input_norms=[layer.input_layernorm.weight for layer in layers],
             post_norms=[layer.post_attention_layernorm.weight for layer in layers],
-            qkv_weights=[layer[0][0] for layer in weights],
+            linear_weights=[weight for linear in parts for weight, _ in linear],
+            linear_types=[kind for linear in parts for _, kind in linear],
+            linear_parts=[len(linear) for linear in parts],
             qkv_biases=[a.qkv_proj.bias for a in attns],
-            o_weights=[layer[1][0] for layer in weights],
-            gate_up_weights=[layer[2][0] for layer in weights],
-            down_weights=[layer[3][0] for layer in weights],
-            linear_types=[kind for layer in weights for _, kind in layer],
             final_norm=final_norm.weight,
             eps=config.rms_norm_eps,
             num_heads=config.num_attention_heads,
@@ -77,8 +75,8 @@ class FusedDecoderStack:
         p = meta.paged
         assert p is not None, "the fused stack reads the paged batch (build_paged_metadata)"
         return kernels.ops().decoder_layers(
-            hidden, self.input_norms, self.post_norms, self.qkv_weights, self.qkv_biases,
-            self.o_weights, self.gate_up_weights, self.down_weights, self.linear_types, self.final_norm, self.eps,
+            hidden, self.input_norms, self.post_norms, self.linear_weights, self.linear_types,
+            self.linear_parts, self.qkv_biases, self.final_norm, self.eps,
             self.num_heads, self.num_kv_heads, rope.positions, rope.cos_table, rope.sin_table,
             [k for k, _ in kv_caches], [v for _, v in kv_caches], meta.slot_mapping,
             p.block_tables, p.query_starts, p.context_lens, self.scale,
@@ -88,12 +86,11 @@ class FusedDecoderStack:
 FMA_PANELS = -1  # a linear_types entry: bf16 weights in the FMA kernel's panels
 
 
-def _kernel_weight(linear: nn.Module) -> tuple[torch.Tensor, int] | None:
-    """The weight a Linear's kernel reads, and its linear_types entry; None if the stack cannot
-    run it (oneDNN's layout, or GGUF blocks of more than one type)."""
+def _kernel_parts(linear: nn.Module) -> list[tuple[torch.Tensor, int]] | None:
+    """The weights a Linear's kernel reads, each with its linear_types entry; None if the stack
+    cannot run it (oneDNN's or AMX's layout)."""
     if linear.fma_weight is not None:
-        return linear.fma_weight, FMA_PANELS
-    parts = linear.quant_parts
-    if parts is not None and len(parts) == 1:
-        return parts[0].blocks, parts[0].qtype
+        return [(linear.fma_weight, FMA_PANELS)]
+    if linear.quant_parts is not None:
+        return [(part.blocks, part.qtype) for part in linear.quant_parts]
     return None

@@ -60,18 +60,26 @@ def test_llama3_rope_freqs_match_transformers_rope_scaling(tmp_path):
     check_parity(reference_dir, ours=load_gguf_model(reader, config, torch.float32))
 
 
-@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize(
+    ("qtype", "qtypes"),
+    [("Q4_1", {}), ("Q8_0", {}), ("Q5_0", {"v_proj": "Q8_0"})],  # the last: Qwen2.5 Q4_K_M's mixed qkv
+    ids=["Q4_1", "Q8_0", "Q5_0-v-Q8_0"],
+)
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: q/k/v biases
-def test_fused_stack_on_gguf_blocks_equals_the_modules_to_the_bit(tmp_path, model_type, qtype):
-    """Every layer linear in blocks of one type: all decoder layers run in one kernel call, which
-    computes exactly what the modules compute calling the same kernels one by one."""
-    path, _ = write_tiny_gguf(tmp_path, model_type, qtype)
+def test_fused_stack_on_gguf_blocks_equals_the_modules_to_the_bit(tmp_path, model_type, qtype, qtypes):
+    """Every layer linear in GGUF blocks (a qkv whose shards differ in type in one part per
+    type): all decoder layers run in one kernel call, which computes exactly what the modules
+    compute calling the same kernels one by one."""
+    path, _ = write_tiny_gguf(tmp_path, model_type, qtype, qtypes=qtypes)
     reader = open_gguf(path)
     model = load_gguf_model(reader, config_from_gguf(reader), torch.bfloat16)
     if not has_quantized_kernels() or not hasattr(kernels.ops(), "decoder_layers"):
         pytest.skip("no fused decoder stack in this build (it needs AVX2 + FMA)")
     stack = model.model.fused_stack
-    assert stack is not None and set(stack.linear_types) == {int(gguf.GGMLQuantizationType[qtype])}
+    expected_types = {int(gguf.GGMLQuantizationType[t]) for t in (qtype, *qtypes.values())}
+    assert stack is not None and set(stack.linear_types) == expected_types
+    # q and k in one part, v in another when their types differ: 2 parts, else 1.
+    assert stack.linear_parts[0] == (2 if qtypes else 1) and set(stack.linear_parts[1:4]) == {1}
     prompts = [list(b"The capital of France is"), list(b"1, 2, 3,"), list(b"x")]
     fused = (prefill_logits(model, prompts), greedy_generate(model, prompts, 8))
     model.model.fused_stack = None  # the module path from here on

@@ -42,16 +42,23 @@ def llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(
-    directory: Path, model_type: str, qtype: str, seed: int = 0, **overrides
+    directory: Path,
+    model_type: str,
+    qtype: str,
+    seed: int = 0,
+    qtypes: dict[str, str] | None = None,
+    **overrides,
 ) -> tuple[Path, Path]:
-    """A tiny random model as a GGUF with its 2-D weights in `qtype` blocks, and a Hugging Face
-    directory holding exactly the weights the GGUF decodes to (the reference for parity)."""
+    """A tiny random model as a GGUF with its 2-D weights in `qtype` blocks (`qtypes` overrides
+    that per projection, e.g. {"v_proj": "Q8_0"}), and a Hugging Face directory holding exactly
+    the weights the GGUF decodes to (the reference for parity)."""
+    qtypes = qtypes or {}
     hf_dir = write_tiny_checkpoint(directory / "hf", model_type, seed=seed, **overrides)
     config = json.loads((hf_dir / "config.json").read_text())
     state = load_file(hf_dir / "model.safetensors")
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     arch = model_type
-    path = directory / f"tiny-{model_type}-{qtype}.gguf"
+    path = directory / ("-".join(["tiny", model_type, qtype, *qtypes.values()]) + ".gguf")
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -72,7 +79,7 @@ def write_tiny_gguf(
         if arch == "llama" and kind in ("q_proj", "k_proj"):
             data = llama_cpp_permute(data, heads if kind == "q_proj" else kv_heads)
         if data.ndim == 2:
-            qt = gguf.GGMLQuantizationType[qtype]
+            qt = gguf.GGMLQuantizationType[qtypes.get(kind, qtype)]
             blocks = gguf.quants.quantize(data, qt)
             writer.add_tensor(gguf_name(name), blocks, raw_dtype=qt)
             data = gguf.quants.dequantize(blocks, qt)
