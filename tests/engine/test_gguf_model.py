@@ -142,6 +142,21 @@ def test_catalogue_gguf_config_equals_the_converted_directory(name):
     assert config_from_gguf(reader) == ModelConfig.from_pretrained(resolve_model(name))
 
 
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_reader_reads_what_ggufs_own_reader_reads(name):
+    """open_gguf's faster reader: every metadata value and every tensor (type, shape, bytes) as
+    the gguf package's GGUFReader gives them."""
+    path = fetch_gguf(name)
+    ours, reference = open_gguf(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(reference.fields)
+    for key, field in reference.fields.items():
+        assert ours.fields[key].contents() == field.contents(), key
+    assert len(ours.tensors) == len(reference.tensors)
+    for a, b in zip(ours.tensors, reference.tensors, strict=True):
+        assert (a.name, a.tensor_type, list(a.shape), a.data_offset) == (b.name, b.tensor_type, list(b.shape), b.data_offset)
+        assert np.array_equal(a.data, b.data), a.name
+
+
 def test_smollm2_q4_1_weights_stay_quantized_and_agree_with_bf16(quantized_kernels):
     """The Q4_1 file as is: its resident weights are no larger than the file, and its greedy
     tokens mostly agree with the bf16 model converted from the same file."""
