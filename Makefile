@@ -8,7 +8,7 @@ ARGS ?=
 
 .PHONY: install install-dev serve test test-fast lint
 
-# The convert extra (transformers, gguf) turns the catalogue's GGUF files into Hugging Face
+# The convert extra (transformers) turns the catalogue's GGUF files into Hugging Face
 # directories on first use; the server itself never imports it.
 install: $(VENV)/.installed
 
