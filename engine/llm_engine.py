@@ -364,9 +364,21 @@ class LLMEngine:
         return outputs
 
     def stats(self) -> EngineStats:
+        running = self.scheduler.running
+        num_requests_running = len({seq.request for seq in running})
+        # Siblings awaiting a fork are in neither scheduler queue (and never finished: a request
+        # leaves self.requests when its last sequence finishes, and so do they).
+        num_awaiting_fork = sum(
+            seq.is_awaiting_fork
+            for request in self.requests.values()
+            if request.params.n > 1
+            for seq in request.sequences
+        )
         return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_requests_running=num_requests_running,
+            num_requests_waiting=len(self.requests) - num_requests_running,
+            num_seqs_running=len(running),
+            num_seqs_waiting=len(self.scheduler.waiting) + num_awaiting_fork,
             num_kv_blocks_used=self.block_manager.num_used_blocks,
             num_kv_blocks_total=self.block_manager.num_blocks,
             num_prompt_tokens=self.num_prompt_tokens,

@@ -44,8 +44,15 @@ class RequestOutput:
 
 @dataclass(slots=True)
 class EngineStats:
-    num_running: int
-    num_waiting: int
+    """A snapshot of the engine. A request is one prompt of a call with its `n` sequences: it is
+    running while any of its sequences is in the batch, waiting while none is."""
+
+    num_requests_running: int
+    num_requests_waiting: int
+    num_seqs_running: int  # sequences in the running batch
+    # Sequences not in the batch: queued, preempted, or siblings of an n > 1 request that start
+    # once its first sequence has prefilled.
+    num_seqs_waiting: int
     num_kv_blocks_used: int
     num_kv_blocks_total: int
     num_prompt_tokens: int  # processed since start
