@@ -36,6 +36,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False  # every sequence of the request has finished
     error: str | None = None  # set when the engine failed the request
+    # The error is the request's grammar, not an engine fault: no token could continue it.
+    grammar_failed: bool = False
     num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     # With prompt_logprobs: one per prompt token (None for the first), in the first output
     # after the whole prompt was computed; None in every other output.
