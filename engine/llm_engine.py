@@ -271,6 +271,10 @@ class LLMEngine:
         ended_by_token = seq.finish_reason == FinishReason.STOP
         if seq.grammar is not None and not ended_by_token:
             self._advance_grammar(seq, token_id)
+        elif seq.grammar is not None and seq.grammar.error:
+            # The failed matcher allowed only end-of-sequence: the output is not what the grammar
+            # asked for, so the sequence fails rather than stopping.
+            self._fail_grammar(seq)
         previous_len = len(seq.output_text)
         if not ended_by_token:  # the eos / stop token itself is not part of the text
             seq.output_text += seq.detokenizer.step([token_id])
@@ -294,12 +298,20 @@ class LLMEngine:
         """Feed the grammar the token; the sequence ends (stop) where nothing but end-of-sequence
         could follow, which saves sampling it."""
         matcher = seq.grammar
-        if not matcher.accept(token_id) or matcher.error:  # a resource limit, not a bad token
-            seq.finish(FinishReason.ABORT)
-            seq.request.error = f"structured output failed: {matcher.error or 'token rejected'}"
-            logger.warning("request %s: %s", seq.request.request_id, seq.request.error)
+        if not matcher.accept(token_id) or matcher.error:
+            LLMEngine._fail_grammar(seq)
         elif matcher.is_terminated:
             seq.finish(FinishReason.STOP)
+
+    @staticmethod
+    def _fail_grammar(seq: Sequence) -> None:
+        """The grammar cannot go on: a resource limit, or no token of the vocabulary spells what
+        it demands next (e.g. a byte no token has; llguidance may then allow a token it rejects)."""
+        error = (seq.grammar.error or "token rejected").split("\n", 1)[0]
+        seq.finish(FinishReason.ABORT)
+        seq.request.error = f"structured output failed: {error}"
+        seq.request.grammar_failed = True
+        logger.warning("request %s: %s", seq.request.request_id, seq.request.error)
 
     def _collect(self, changed: list[Sequence]) -> list[RequestOutput]:
         by_request: dict[str, list[CompletionOutput]] = {}
@@ -314,7 +326,7 @@ class LLMEngine:
             if finished:
                 del self.requests[request_id]
             out = RequestOutput(request_id, request.prompt_token_ids, deltas, finished,
-                                error=request.error,
+                                error=request.error, grammar_failed=request.grammar_failed,
                                 num_cached_tokens=request.num_cached_tokens or 0)  # fmt: skip
             if request.params.prompt_logprobs is not None and not request.has_reported_prompt_logprobs:
                 out.prompt_logprobs = request.prompt_logprobs
@@ -364,9 +376,21 @@ class LLMEngine:
         return outputs
 
     def stats(self) -> EngineStats:
+        running = self.scheduler.running
+        num_requests_running = len({seq.request for seq in running})
+        # Siblings awaiting a fork are in neither scheduler queue (and never finished: a request
+        # leaves self.requests when its last sequence finishes, and so do they).
+        num_awaiting_fork = sum(
+            seq.is_awaiting_fork
+            for request in self.requests.values()
+            if request.params.n > 1
+            for seq in request.sequences
+        )
         return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_requests_running=num_requests_running,
+            num_requests_waiting=len(self.requests) - num_requests_running,
+            num_seqs_running=len(running),
+            num_seqs_waiting=len(self.scheduler.waiting) + num_awaiting_fork,
             num_kv_blocks_used=self.block_manager.num_used_blocks,
             num_kv_blocks_total=self.block_manager.num_blocks,
             num_prompt_tokens=self.num_prompt_tokens,

@@ -36,6 +36,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False  # every sequence of the request has finished
     error: str | None = None  # set when the engine failed the request
+    # The error is the request's grammar, not an engine fault: no token could continue it.
+    grammar_failed: bool = False
     num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     # With prompt_logprobs: one per prompt token (None for the first), in the first output
     # after the whole prompt was computed; None in every other output.
@@ -44,8 +46,15 @@ class RequestOutput:
 
 @dataclass(slots=True)
 class EngineStats:
-    num_running: int
-    num_waiting: int
+    """A snapshot of the engine. A request is one prompt of a call with its `n` sequences: it is
+    running while any of its sequences is in the batch, waiting while none is."""
+
+    num_requests_running: int
+    num_requests_waiting: int
+    num_seqs_running: int  # sequences in the running batch
+    # Sequences not in the batch: queued, preempted, or siblings of an n > 1 request that start
+    # once its first sequence has prefilled.
+    num_seqs_waiting: int
     num_kv_blocks_used: int
     num_kv_blocks_total: int
     num_prompt_tokens: int  # processed since start

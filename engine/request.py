@@ -108,6 +108,7 @@ class Request:
     prompt_logprobs: list = field(default_factory=lambda: [None])
     has_reported_prompt_logprobs: bool = False
     error: str | None = None  # why the engine ended the request early (reported as an error)
+    grammar_failed: bool = False  # the error: its structured output could not be continued
 
     @property
     def num_prompt_tokens(self) -> int:

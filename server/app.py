@@ -15,7 +15,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
@@ -33,6 +32,7 @@ from engine import (
     SamplingParamsError,
 )
 
+from . import openapi
 from .errors import APIError, from_exception
 from .logs import format_fields
 from .metrics import Metrics
@@ -213,25 +213,6 @@ def _install_error_handlers(app: FastAPI, config: ServerConfig) -> None:
     app.add_exception_handler(ClientDisconnect, disconnected)
 
 
-def _install_openapi(app: FastAPI) -> None:
-    """Add the hand-read request bodies' schemas (see routes.read_request) to the OpenAPI document."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in REQUEST_MODELS:
-                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(model_schema.pop("$defs", {}))
-                components[model.__name__] = model_schema
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
     """The app for a loaded engine; its lifespan starts and stops the engine loop."""
     config = config or ServerConfig()
@@ -277,7 +258,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     app.state.drain = drain
     app.include_router(router)
     _install_error_handlers(app, config)
-    _install_openapi(app)
+    openapi.install(app, REQUEST_MODELS)
     # NOTE: sse-starlette would cancel open streams as soon as SIGTERM arrives; Kestrel lets them
     # finish within drain_timeout, then ends them itself (server/shutdown.py).
     AppStatus.disable_automatic_graceful_drain()

@@ -22,6 +22,11 @@ _TOKEN_LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+# What a request is, as vLLM counts its sequence groups: a chat call is one, a completions call
+# one per prompt; its n sequences count once (the num_sequences_* gauges count them).
+_REQUESTS = "Requests (one per prompt; n sequences count once)"
+
+
 class _EngineCollector(Collector):
     """Gauges and counters from `engine.stats()`, sampled when scraped."""
 
@@ -33,8 +38,10 @@ class _EngineCollector(Collector):
         usage = stats.num_kv_blocks_used / stats.num_kv_blocks_total if stats.num_kv_blocks_total else 0.0
         gauge, counter = GaugeMetricFamily, CounterMetricFamily
         for family, name, doc, value in (
-            (gauge, "num_requests_running", "Requests with sequences in the running batch.", stats.num_running),
-            (gauge, "num_requests_waiting", "Requests queued for admission.", stats.num_waiting),
+            (gauge, "num_requests_running", _REQUESTS + " with a sequence in the running batch.", stats.num_requests_running),
+            (gauge, "num_requests_waiting", _REQUESTS + " with no sequence in the running batch (queued or preempted).", stats.num_requests_waiting),
+            (gauge, "num_sequences_running", "Sequences in the running batch (a request with n=4 has 4).", stats.num_seqs_running),
+            (gauge, "num_sequences_waiting", "Sequences not in the running batch: queued, preempted, or the siblings of an n>1 request before its prompt is prefilled.", stats.num_seqs_waiting),
             (gauge, "kv_cache_blocks_used", "KV cache blocks in use.", stats.num_kv_blocks_used),
             (gauge, "kv_cache_blocks_total", "KV cache blocks in the pool.", stats.num_kv_blocks_total),
             (gauge, "kv_cache_usage_ratio", "Fraction of KV blocks in use.", usage),

@@ -11,6 +11,12 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine import SamplingParams, SamplingParamsError
+from engine.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+)
 
 from .errors import APIError, bad_request, truncate, unsupported
 
@@ -190,13 +196,27 @@ class _OpenSchema(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
 
+# What /openapi.json says of a field whose value is checked after parsing (SamplingParams, the
+# serving checks) rather than by pydantic: the schema states the rule, the messages stay the
+# checks' own. (minimum / maximum constrain only a number, so null stays valid.)
+
+
+def _documented(default: Any = None, **json_schema: Any) -> Any:
+    return Field(default=default, json_schema_extra=json_schema)
+
+
+def _refused(what: str) -> Any:
+    """A field declared only to be refused: anything but null is a 400 unsupported_parameter."""
+    return Field(default=None, json_schema_extra={"type": "null", "description": f"not supported ({what})"})
+
+
 class StreamOptions(_Schema):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
 
 
 class TextContentPart(_OpenSchema):
-    type: str
+    type: str = _documented(..., enum=["text", "input_text"])
     text: str | None = None
 
     @field_validator("type")
@@ -274,46 +294,52 @@ class _SamplingFields(_Schema):
     """Fields shared by chat and completions, including vLLM's extensions."""
 
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: Annotated[int, Field(ge=1)] | None = None
+    temperature: float | None = _documented(minimum=0, maximum=2)
+    top_p: float | None = _documented(exclusiveMinimum=0, maximum=1)
+    n: Annotated[int, Field(ge=1)] | None = _documented(maximum=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    seed: int | None = _documented(minimum=-(2**63), maximum=2**64 - 1)
+    presence_penalty: float | None = _documented(minimum=-2, maximum=2)
+    frequency_penalty: float | None = _documented(minimum=-2, maximum=2)
+    logit_bias: dict[str, float] | None = _documented(
+        propertyNames={"pattern": "^[0-9]+$"},
+        additionalProperties={"type": "number", "minimum": -100, "maximum": 100},
+    )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extensions
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
-    stop_token_ids: list[int] | None = None
+    top_k: int | None = _documented(minimum=-1)
+    min_p: float | None = _documented(minimum=0, maximum=1)
+    repetition_penalty: float | None = _documented(
+        minimum=MIN_REPETITION_PENALTY, maximum=MAX_REPETITION_PENALTY
+    )
+    min_tokens: int | None = _documented(minimum=0)
+    stop_token_ids: list[int] | None = _documented(items={"type": "integer", "minimum": 0})
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
-    prompt_logprobs: int | None = None  # each prompt token's logprob plus the top k
+    # each prompt token's logprob plus the top k
+    prompt_logprobs: int | None = _documented(minimum=0, maximum=MAX_LOGPROBS)
     structured_outputs: StructuredOutputs | None = None
     response_format: ResponseFormat | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = Field(
-        default=None, description="deprecated alias of max_completion_tokens"
+    max_tokens: int | None = _documented(
+        description="deprecated alias of max_completion_tokens", minimum=1
     )
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = _documented(minimum=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _documented(minimum=0, maximum=MAX_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     # Not implemented; refused rather than ignored.
-    audio: dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = _refused("audio output")
+    modalities: list[str] | None = _documented(items={"enum": ["text"]})
+    functions: list[dict[str, Any]] | None = _refused("deprecated; use tools")
+    function_call: str | dict[str, Any] | None = _refused("deprecated; use tool_choice")
     # vLLM extensions
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -322,10 +348,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = None
-    logprobs: int | None = None
+    max_tokens: int | None = _documented(minimum=0)
+    logprobs: int | None = _documented(minimum=0, maximum=MAX_LOGPROBS)
     echo: bool | None = False
-    suffix: str | None = None
+    suffix: str | None = _documented(maxLength=0, description="not supported (fill-in-the-middle)")
     best_of: int | None = None
     # vLLM extension
     add_special_tokens: bool = True

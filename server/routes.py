@@ -9,9 +9,9 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
-from . import limits
+from . import limits, openapi
 from .errors import APIError, truncate
 from .limits import RequestLimits
 from .protocol import (
@@ -134,6 +134,8 @@ def _too_large(limit: int) -> APIError:
 @router.post(
     "/v1/chat/completions",
     openapi_extra=_json_body(ChatCompletionRequest),
+    response_model=openapi.ChatCompletion,
+    responses={**openapi.GENERATE_ERRORS, **openapi.streaming("A chat completion, or its chunks")},
     summary="Create a chat completion (streaming with `stream: true`)",
 )
 async def chat_completions(request: Request) -> Response:
@@ -144,6 +146,8 @@ async def chat_completions(request: Request) -> Response:
 @router.post(
     "/v1/completions",
     openapi_extra=_json_body(CompletionRequest),
+    response_model=openapi.Completion,
+    responses={**openapi.GENERATE_ERRORS, **openapi.streaming("A completion, or its chunks")},
     summary="Create a text completion (streaming with `stream: true`)",
 )
 async def completions(request: Request) -> Response:
@@ -151,19 +155,33 @@ async def completions(request: Request) -> Response:
     return await _serving(request).completion(body, request)
 
 
-@router.get("/v1/models", summary="List the served model names")
+@router.get(
+    "/v1/models",
+    response_model=openapi.ModelList,
+    responses=openapi.ERRORS,
+    summary="List the served model names",
+)
 async def list_models(request: Request) -> Response:
     return json_response(_serving(request).list_models())
 
 
-@router.get("/v1/models/{model:path}", summary="Describe one served model")
+@router.get(
+    "/v1/models/{model:path}",
+    response_model=openapi.ModelCard,
+    responses=openapi.MODEL_ERRORS,
+    summary="Describe one served model",
+)
 async def retrieve_model(request: Request, model: str) -> Response:
     serving = _serving(request)
     return json_response(serving.model_card(serving.resolve_model(model)))
 
 
 @router.post(
-    "/tokenize", openapi_extra=_json_body(TokenizeRequest), summary="Text or messages -> token ids"
+    "/tokenize",
+    openapi_extra=_json_body(TokenizeRequest),
+    response_model=openapi.TokenizeResponse,
+    responses=openapi.BODY_ERRORS,
+    summary="Text or messages -> token ids",
 )
 async def tokenize(request: Request) -> Response:
     body = await read_request(request, TokenizeRequest, limits.check_chat)
@@ -172,7 +190,11 @@ async def tokenize(request: Request) -> Response:
 
 
 @router.post(
-    "/detokenize", openapi_extra=_json_body(DetokenizeRequest), summary="Token ids -> text"
+    "/detokenize",
+    openapi_extra=_json_body(DetokenizeRequest),
+    response_model=openapi.DetokenizeResponse,
+    responses=openapi.BODY_ERRORS,
+    summary="Token ids -> text",
 )
 async def detokenize(request: Request) -> Response:
     body = await read_request(request, DetokenizeRequest, limits.check_detokenize)
@@ -181,7 +203,11 @@ async def detokenize(request: Request) -> Response:
 
 
 @router.api_route(
-    "/health", methods=["GET", "HEAD"], summary="200 while the engine loop runs, else 503"
+    "/health",
+    methods=["GET", "HEAD"],
+    response_model=openapi.HealthResponse,
+    responses={503: {"model": openapi.HealthResponse, "description": "The engine has stopped"}},
+    summary="200 while the engine loop runs, else 503",
 )
 async def health(request: Request) -> Response:
     if request.app.state.engine.is_alive:
@@ -189,12 +215,22 @@ async def health(request: Request) -> Response:
     return json_response({"status": "unavailable"}, status=503)
 
 
-@router.get("/version", summary="Kestrel's version")
+@router.get(
+    "/version",
+    response_model=openapi.VersionResponse,
+    responses=openapi.ERRORS,
+    summary="Kestrel's version",
+)
 async def version() -> Response:
     return json_response({"version": VERSION})
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses=openapi.ERRORS,
+    summary="Prometheus metrics",
+)
 async def metrics(request: Request) -> Response:
     return Response(
         generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST

@@ -45,7 +45,7 @@ from .protocol import (
     tools_for_template,
 )
 from .settings import ServerConfig
-from .structured_outputs import GrammarService
+from .structured_outputs import GrammarService, grammar_param
 from .tool_calls import ToolCalling, ToolPlan
 
 logger = logging.getLogger("kestrel.serving")
@@ -495,11 +495,13 @@ class Serving:
         tools = self.tool_calling.plan(request)
         if tools is not None and tools.keeps_special_tokens and request.skip_special_tokens is None:
             params.skip_special_tokens = False
-        params.grammar = await self.grammars.compile(request, tools.grammar if tools else None)
+        ask = tools.grammar if tools else None
+        params.grammar = await self.grammars.compile(request, ask)
         prompt = await self._chat_prompt(request)
         given = request.max_completion_tokens is not None or request.max_tokens is not None
         self._check_context(len(prompt), params, "messages", max_tokens_given=given)
-        call = _Call(self, raw, "chatcmpl", model, [prompt], params, "messages")
+        call = _Call(self, raw, "chatcmpl", model, [prompt], params, "messages",
+                     grammar_param(request, ask) if params.grammar else None)  # fmt: skip
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return await call.stream(self._chat_chunks(call, include_usage, tools))
@@ -605,7 +607,8 @@ class Serving:
         longest = max(len(prompt) for prompt in prompts)
         given = request.max_tokens is not None
         self._check_context(longest, params, "prompt", max_tokens_given=given)
-        call = _Call(self, raw, "cmpl", model, prompts, params, "prompt")
+        call = _Call(self, raw, "cmpl", model, prompts, params, "prompt",
+                     grammar_param(request) if params.grammar else None)  # fmt: skip
         echo = prompt_texts if request.echo else None
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -780,6 +783,7 @@ class _Call:
         prompts: list[list[int]],
         params: SamplingParams,
         prompt_param: str,
+        grammar_param: str | None = None,
     ) -> None:
         self.serving = serving
         self.raw = raw
@@ -792,6 +796,7 @@ class _Call:
         self.prompts = prompts
         self.params = params
         self.prompt_param = prompt_param
+        self.grammar_param = grammar_param  # the field that asked for a structured output
         self.choices = [_Choice() for _ in range(len(prompts) * params.n)]
         self.num_prompt_tokens = sum(len(p) for p in prompts)
         self.num_cached_tokens = [0] * len(prompts)  # per prompt, from the prefix cache
@@ -835,8 +840,7 @@ class _Call:
         try:
             async for prompt_index, output in self.group:
                 if output.error:
-                    raise APIError(500, f"the engine failed the request: {output.error}",
-                                   type="server_error", code="engine_error")  # fmt: skip
+                    raise self._engine_error(output)
                 self._has_output = True
                 self.num_cached_tokens[prompt_index] = output.num_cached_tokens
                 if output.prompt_logprobs is not None:
@@ -857,6 +861,18 @@ class _Call:
             self._record(finished=False)
             self.group.close()
             self.serving._calls.discard(self)
+
+    def _engine_error(self, output: RequestOutput) -> APIError:
+        if output.grammar_failed:  # the request's grammar, which no output of the model can match
+            return APIError(
+                400,
+                f"{output.error}: the model cannot produce output the structured output allows "
+                "(it may need a character this model's vocabulary cannot spell, or be too complex)",
+                param=self.grammar_param,
+                code="structured_output_failed",
+            )
+        return APIError(500, f"the engine failed the request: {output.error}",
+                        type="server_error", code="engine_error")  # fmt: skip
 
     def _prompt_error(self, exc: RequestError) -> APIError:
         """An engine refusal, naming the prompt as this endpoint calls it (messages / prompt)."""

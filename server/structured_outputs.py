@@ -54,6 +54,15 @@ def grammar_request(request: ChatCompletionRequest | CompletionRequest) -> Gramm
     return None
 
 
+def grammar_param(
+    request: ChatCompletionRequest | CompletionRequest, ask: GrammarRequest | None = None
+) -> str | None:
+    """The request field that asked for the grammar (`ask`, a forced tool call's, else the
+    request's own), which errors name; None without one."""
+    ask = ask or grammar_request(request)
+    return ask.param if ask is not None else None
+
+
 def _structured_outputs_spec(so: StructuredOutputs) -> GrammarSpec:
     if so.structural_tag is not None:
         raise unsupported("structured_outputs", "structured_outputs.structural_tag is not supported")

@@ -43,7 +43,7 @@ def test_concurrent_streams_match_solo_runs_and_early_exit_frees_blocks(engine_c
             await anext(stream)
             await stream.aclose()  # the client went away
             for _ in range(100):
-                if engine.stats().num_kv_blocks_used == 0 and engine.stats().num_running == 0:
+                if engine.stats().num_kv_blocks_used == 0 and engine.stats().num_seqs_running == 0:
                     break
                 await asyncio.sleep(0.01)
             assert engine.stats().num_kv_blocks_used == 0

@@ -180,10 +180,14 @@ def test_greedy_siblings_share_the_prompt_and_match_a_single_sequence(tmp_path, 
     engine = llm.engine
     engine.add_request("n3", prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=3))
     result = GenerationResult("n3", prompt, [Completion(i) for i in range(3)])
+    # Queued: one request, its three sequences (two of them awaiting the fork) all waiting.
+    stats = engine.stats()
+    assert (stats.num_requests_waiting, stats.num_seqs_waiting, stats.num_seqs_running) == (1, 3, 0)
     for output in engine.step():
         accumulate(result, output)
     # One prefill for all three; each sibling owns only its copy of a partial last block.
-    assert engine.stats().num_running == 3
+    stats = engine.stats()
+    assert (stats.num_requests_running, stats.num_seqs_running, stats.num_seqs_waiting) == (1, 3, 0)
     partial = prompt_len % 16 != 0
     assert engine.block_manager.num_used_blocks == -(-prompt_len // 16) + 2 * partial
     while engine.has_unfinished_requests():
