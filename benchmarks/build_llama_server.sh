@@ -38,13 +38,17 @@ cpu_signature() {
 }
 CPU="$(cpu_signature)"
 
-if [[ -x "$BINARY" && -f "$INFO" ]] && grep -qxF "cpu: $CPU" "$INFO"; then
+# A binary built for this CPU with a build flag of this script's (NO_AMX) that differs is rebuilt.
+CPU_NEEDS_NO_AMX=0
+grep -qw amx_int8 /proc/cpuinfo && CPU_NEEDS_NO_AMX=1
+if [[ -x "$BINARY" && -f "$INFO" ]] && grep -qxF "cpu: $CPU" "$INFO" \
+    && { ((CPU_NEEDS_NO_AMX == 0)) || grep -q -- "-mno-amx-int8" "$INFO"; }; then
     echo "already built: $BINARY"
     "$BINARY" --version 2>&1 | head -n 2 || true
     exit 0
 fi
 if [[ -x "$BINARY" ]]; then
-    echo "$BINARY was built for another CPU; rebuilding for: $CPU"
+    echo "$BINARY was built for another CPU or with other flags; rebuilding for: $CPU"
 fi
 
 missing=()
@@ -88,6 +92,14 @@ CMAKE_FLAGS=(
     -DLLAMA_OPENSSL=OFF
     -DLLAMA_BUILD_COMMIT="$COMMIT"
 )
+# ggml's AMX backend segfaults in ggml_backend_amx_mul_mat on the first inference on these Sapphire
+# Rapids machines (Q4_1 and Q4_K_M files alike; upstream ggml-org/llama.cpp#20824, closed without
+# a fix). Build without it: ggml then runs its AVX-512 (VNNI, BF16) kernels and repacking there.
+# GCC's explicit -mno-* flags win over what -march=native implies, whatever their order.
+if ((CPU_NEEDS_NO_AMX)); then
+    NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    CMAKE_FLAGS+=("-DCMAKE_C_FLAGS=$NO_AMX" "-DCMAKE_CXX_FLAGS=$NO_AMX")
+fi
 # LLAMA_CURL is deprecated (a warning) in this llama.cpp but still an option in older ones.
 grep -q 'LLAMA_CURL' "$LLAMA/CMakeLists.txt" && CMAKE_FLAGS+=(-DLLAMA_CURL=OFF)
 
