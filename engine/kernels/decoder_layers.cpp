@@ -10,7 +10,8 @@
 // Each linear is one or more parts (a fused projection whose shards differ in block type, as
 // Qwen2.5's Q4_K_M qkv: Q5_0 q/k, Q8_0 v), their outputs joined along the features.
 // linear_weights and linear_types hold every part in order (layer by layer: qkv, o, gate_up,
-// down), linear_types -1 for bf16 FMA panels, else the GGML type id of the blocks; linear_parts
+// down), linear_types -1 for bf16 FMA panels, -2 for bf16 AMX tiles (amx_linear.cpp, only for
+// steps it takes), else the GGML type id of the blocks; linear_parts
 // holds four part counts per layer (engine/models/fused_stack.py).
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -24,10 +25,11 @@
 namespace kestrel {
 namespace {
 
-constexpr int64_t kFmaPanels = -1;
+constexpr int64_t kFmaPanels = -1, kAmxTiles = -2;
 
-// quant_linear lives in quant_ops.cpp, registered in the same library: called through the
-// dispatcher (once resolved, a call costs about what a C++ call does next to the kernel).
+// quant_linear (quant_ops.cpp) and amx_linear (amx_linear.cpp, built only with KESTREL_AMX) are
+// registered in the same library: called through the dispatcher (once resolved, a call costs
+// about what a C++ call does next to the kernel).
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype,
                         const c10::optional<at::Tensor>& bias) {
   static const auto op =
@@ -37,8 +39,18 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t q
   return op.call(x, blocks, qtype, x.size(1), bias);
 }
 
+at::Tensor amx_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const c10::optional<at::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("kestrel::amx_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&)>();
+  return op.call(x, tiles, bias);
+}
+
 at::Tensor part_linear(const at::Tensor& x, const at::Tensor& weight, int64_t type, const c10::optional<at::Tensor>& bias) {
-  return type == kFmaPanels ? fma_linear(x, weight, bias) : quant_linear(x, weight, type, bias);
+  if (type == kFmaPanels) return fma_linear(x, weight, bias);
+  if (type == kAmxTiles) return amx_tiles_linear(x, weight, bias);
+  return quant_linear(x, weight, type, bias);
 }
 
 // The linears in order, each taking its next `count` parts.

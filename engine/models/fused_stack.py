@@ -1,6 +1,7 @@
 """A Llama-family decoder stack as one call of the fused CPU kernel (`decoder_layers`).
 
-Where every layer linear runs the FMA kernel (engine/layers/linear.py) or the quantized one on
+Where every layer linear runs the FMA or the AMX kernel (engine/layers/linear.py; the AMX one
+only for steps of up to AMX_MAX_ROWS rows, beyond which the modules run oneDNN) or the quantized one on
 GGUF blocks (engine/layers/quantized.py; a linear whose shards differ in block type in one part
 per type), and only q/k/v carry biases, the
 kernel runs all decoder layers and the final norm in one call, with the same kernels in the same
@@ -18,6 +19,7 @@ from torch import nn
 
 from engine import kernels
 from engine.layers.attention import AttentionMetadata, KVCache
+from engine.layers.linear import AMX_MAX_ROWS
 from engine.layers.rotary import RotaryInputs
 
 
@@ -29,7 +31,7 @@ class FusedDecoderStack:
     post_norms: list[torch.Tensor]  # [hidden_size]
     # Every layer's qkv, o, gate_up and down linears in that order, each in one or more parts:
     # the parts' weights (FMA panels from kernels.fma_panels, or GGUF blocks), their types (the
-    # GGML type of the blocks, or FMA_PANELS), and four part counts per layer.
+    # GGML type of the blocks, FMA_PANELS or AMX_TILES), and four part counts per layer.
     linear_weights: list[torch.Tensor]
     linear_types: list[int]
     linear_parts: list[int]
@@ -68,6 +70,10 @@ class FusedDecoderStack:
             scale=config.attention_scale,
         )
 
+    def takes(self, num_rows: int) -> bool:
+        """Whether the stack runs a step of `num_rows` rows as the modules would."""
+        return AMX_TILES not in self.linear_types or num_rows <= AMX_MAX_ROWS
+
     def __call__(
         self, hidden: torch.Tensor, rope: RotaryInputs, kv_caches: list[KVCache], meta: AttentionMetadata
     ) -> torch.Tensor:
@@ -83,14 +89,18 @@ class FusedDecoderStack:
         )  # fmt: skip
 
 
-FMA_PANELS = -1  # a linear_types entry: bf16 weights in the FMA kernel's panels
+# linear_types entries besides GGML types: bf16 weights in the FMA kernel's panels, or in the
+# AMX kernel's tiles.
+FMA_PANELS, AMX_TILES = -1, -2
 
 
 def _kernel_parts(linear: nn.Module) -> list[tuple[torch.Tensor, int]] | None:
     """The weights a Linear's kernel reads, each with its linear_types entry; None if the stack
-    cannot run it (oneDNN's or AMX's layout)."""
+    cannot run it (oneDNN's layout alone)."""
     if linear.fma_weight is not None:
         return [(linear.fma_weight, FMA_PANELS)]
+    if linear.amx_weight is not None:
+        return [(linear.amx_weight, AMX_TILES)]
     if linear.quant_parts is not None:
         return [(part.blocks, part.qtype) for part in linear.quant_parts]
     return None

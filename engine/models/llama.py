@@ -84,7 +84,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
         rope = self.rotary_emb(positions, hidden.dtype)
-        if self.fused_stack is not None and meta.paged is not None:
+        if self.fused_stack is not None and meta.paged is not None and self.fused_stack.takes(len(input_ids)):
             return self.fused_stack(hidden, rope, kv_caches, meta)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):

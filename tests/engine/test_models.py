@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.config import ConfigError, ModelConfig
+from engine.layers.linear import AMX_MAX_ROWS
 from engine.loader import LoadError, load_model
 from tests.conftest import write_tiny_checkpoint
 from tests.engine.model_driver import greedy_generate, prefill_logits
@@ -144,21 +145,25 @@ def test_real_default_model_bf16_logits_stay_close_to_transformers(default_model
     assert our_gap < 1.5 * their_gap, (our_gap, their_gap)
 
 
-def skip_unless_fma_linears(model) -> None:
-    """Skip where the linears do not run the FMA kernel: then no fused stack is expected (on a
-    CPU with AVX-512, oneDNN's packed bf16 matmul is chosen instead)."""
-    layer = model.model.layers[0]
-    if layer.self_attn.qkv_proj.fma_weight is None:
-        pytest.skip("the FMA linear is not chosen on this CPU")
+def skip_unless_kernel_linears(model) -> None:
+    """Skip where the linears run neither the FMA nor the AMX kernel: then no fused stack is
+    expected (on a CPU with AVX-512 and no AMX, oneDNN's packed bf16 matmul is chosen)."""
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    if qkv.fma_weight is None and qkv.amx_weight is None:
+        pytest.skip("neither the FMA nor the AMX linear is chosen on this CPU")
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: biases on q/k/v
 def test_fused_decoder_stack_equals_the_modules_to_the_bit(tmp_path, model_type):
-    """bf16 on a CPU with the FMA linear: all decoder layers run in one kernel call, computing
-    exactly what the Python modules compute when they call the same kernels one by one."""
+    """bf16 on a CPU with the FMA or the AMX linear: all decoder layers run in one kernel call,
+    computing exactly what the Python modules compute when they call the same kernels one by one
+    (with AMX, for steps the AMX kernel takes)."""
     model = load_model(write_tiny_checkpoint(tmp_path / model_type, model_type), dtype=torch.bfloat16)
-    skip_unless_fma_linears(model)
-    assert model.model.fused_stack is not None
+    skip_unless_kernel_linears(model)
+    stack = model.model.fused_stack
+    assert stack is not None and stack.takes(sum(len(p) for p in PROMPTS))
+    if model.model.layers[0].self_attn.qkv_proj.amx_weight is not None:
+        assert not stack.takes(AMX_MAX_ROWS + 1)  # beyond, the modules run oneDNN
     fused = (prefill_logits(model, PROMPTS), greedy_generate(model, PROMPTS, 8))
     model.model.fused_stack = None  # the module path from here on
     modules = (prefill_logits(model, PROMPTS), greedy_generate(model, PROMPTS, 8))
@@ -169,6 +174,5 @@ def test_fused_decoder_stack_equals_the_modules_to_the_bit(tmp_path, model_type)
 def test_fused_decoder_stack_declines_other_biases(tmp_path):
     path = write_tiny_checkpoint(tmp_path / "m", "llama", attention_bias=True)  # o_proj has a bias too
     model = load_model(path, dtype=torch.bfloat16)
-    skip_unless_fma_linears(model)
-    assert model.model.layers[0].self_attn.o_proj.fma_weight is not None
+    skip_unless_kernel_linears(model)
     assert model.model.fused_stack is None
