@@ -30,7 +30,7 @@ RUN python3 -m venv /app/.venv \
     fi
 # The dependencies alone (pyproject.toml's, and gguf to serve GGUF files as they are), so that
 # code changes rebuild none of this.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN /app/.venv/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
  && /app/.venv/bin/pip install -q -r /tmp/requirements.txt "gguf>=0.10" \
  && rm /tmp/requirements.txt
@@ -67,6 +67,7 @@ ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_TRUSTED_HOST
 ARG PIP_CERT
+COPY README.md ./
 COPY engine engine
 COPY server server
 COPY config config
