@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'built' if library.exists() else 'to build'} {library}" + (f" ({why_not})" if why_not else ""))
         return 0 if library.exists() else 1
 
+    if platform.machine() not in ("x86_64", "AMD64"):  # the variants are x86-64 levels
+        print(f"no prebuilt kernels for {platform.machine()}: the server builds its own where a compiler is",
+              file=sys.stderr)  # fmt: skip
+        return 0
     variants = [variant for variant in VARIANTS if not args.variant or variant.name in args.variant]
     jobs = [(prebuilt_path(variant, args.dir), variant.flags) for variant in variants]
     started = time.monotonic()
