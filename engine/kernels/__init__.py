@@ -1,19 +1,18 @@
-"""Fused CPU kernels (the C++ sources in this folder), compiled on first use and cached under
-$KESTREL_HOME.
+"""Fused CPU kernels (the C++ sources in this folder): a library prebuilt for this CPU's
+instruction-set level if one is installed (engine/kernels/prebuilt, as in the Docker image), else
+compiled on first use for this CPU (-march=native) and cached under $KESTREL_HOME.
 
 `ops()` returns `torch.ops.kestrel` once the library is loaded, or None where it cannot be
-(no C++ compiler, or KESTREL_KERNELS=0): every caller keeps an eager torch path that computes
-the same thing, which is also what runs on other devices.
+(no prebuilt library for this CPU and no C++ compiler, or KESTREL_KERNELS=0; logged as an
+error unless disabled): every caller keeps an eager torch path that computes the same thing,
+which is also what runs on other devices.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,16 +20,27 @@ from typing import Protocol, cast
 
 import torch
 
-logger = logging.getLogger(__name__)
+from engine.kernels.build import (
+    FLAGS,
+    KERNEL_DIR,
+    LIBRARY_NAME,
+    PREBUILT_DIR,
+    SOURCES,
+    VARIANTS,
+    Variant,
+    build,
+    build_many,
+    cache_key,
+    choose_prebuilt,
+    prebuilt_path,
+)
 
-KERNEL_DIR = Path(__file__).parent
-# One library from every .cpp here: cpu_ops.cpp holds the TORCH_LIBRARY and registers the ops of
-# the kernel families it lists (row_ops.cpp, attention.cpp, ...); quant_ops.cpp adds its own with
-# TORCH_LIBRARY_FRAGMENT. Headers (simd.h, ...) count for the build's cache key.
-SOURCES = sorted(KERNEL_DIR.glob("*.cpp"))
-# OpenMP so that at::parallel_for runs in parallel: the library links libgomp.so.1, which
-# resolves to the copy torch has already loaded, so there is still one thread pool.
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+__all__ = [
+    "FLAGS", "KERNEL_DIR", "PREBUILT_DIR", "SOURCES", "VARIANTS", "Variant", "build_many",
+    "choose_prebuilt", "prebuilt_path",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -146,27 +156,55 @@ def available_on(device: torch.device) -> bool:
 
 
 def library_path() -> Path:
-    """Where the built library lives: $KESTREL_HOME/kernels/<key>/kestrel_cpu_ops.so."""
+    """Where this CPU's own build lives: $KESTREL_HOME/kernels/<key>/kestrel_cpu_ops.so."""
     from engine.assets import kestrel_home
 
     # -march=native code is only good for this CPU: the build is keyed by its feature flags too.
-    digest = hashlib.sha256(
-        b"".join(path.read_bytes() for path in SOURCES + sorted(KERNEL_DIR.glob("*.h")))
-        + " ".join(FLAGS).encode() + torch.__version__.encode() + _cpu_flags()
-    )
-    return kestrel_home() / "kernels" / digest.hexdigest()[:16] / "kestrel_cpu_ops.so"
+    return kestrel_home() / "kernels" / cache_key(FLAGS, _cpu_flags()) / f"{LIBRARY_NAME}.so"
 
 
 def _load() -> KernelOps | None:
+    """The prebuilt library that fits this CPU best, else this CPU's own build (built now if
+    it is not cached yet). KESTREL_KERNELS=<variant> loads that prebuilt variant and nothing
+    else; KESTREL_KERNELS=native skips the prebuilt ones."""
+    choice = os.environ.get("KESTREL_KERNELS", "")
+    forced = next((variant for variant in VARIANTS if variant.name == choice), None)
+    if forced is not None:
+        return _load_variant(forced)
+    prebuilt, why_not = (None, "") if choice == "native" else choose_prebuilt(cpu_flags())
+    if prebuilt is not None:
+        try:
+            torch.ops.load_library(str(prebuilt))
+            logger.info("fused CPU kernels: prebuilt %s", prebuilt.name)
+            return cast(KernelOps, torch.ops.kestrel)
+        except Exception as exc:  # e.g. a library it needs is missing
+            why_not = f"loading the prebuilt kernels {prebuilt} failed: {exc}"
+    if why_not:
+        logger.warning("%s; building them for this CPU instead", why_not)
     library = library_path()
     try:
         if library.exists():
             torch.ops.load_library(str(library))
         else:
             _build(library)
-    except Exception as exc:  # no compiler, no ninja, a failed build: fall back to eager torch
-        logger.warning("fused CPU kernels unavailable, using eager torch ops instead: %s", exc)
+    except Exception as exc:  # no compiler, a failed build: fall back to eager torch
+        logger.error("fused CPU kernels unavailable, using eager torch ops instead (slower): %s", exc)
         return None
+    return cast(KernelOps, torch.ops.kestrel)
+
+
+def _load_variant(variant: Variant) -> KernelOps | None:
+    library = prebuilt_path(variant)
+    missing = sorted(variant.cpu_flags - cpu_flags())
+    try:
+        if missing:  # its instructions would crash the process (SIGILL)
+            raise RuntimeError(f"this CPU lacks {' '.join(missing)}")
+        torch.ops.load_library(str(library))
+    except Exception as exc:
+        logger.error("fused CPU kernels unavailable, using eager torch ops instead (slower): "
+                     "KESTREL_KERNELS=%s: %s", variant.name, exc)  # fmt: skip
+        return None
+    logger.info("fused CPU kernels: prebuilt %s", library.name)
     return cast(KernelOps, torch.ops.kestrel)
 
 
@@ -178,33 +216,18 @@ def _cpu_flags() -> bytes:
     return next((line.encode() for line in lines if line.startswith("flags")), b"")
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo names them (empty where there is none)."""
+    return frozenset(_cpu_flags().decode().partition(":")[2].split())
+
+
 def _build(library: Path) -> None:
-    """Compile and load the library, then move it to `library` for later processes.
-
-    Each build runs in a scratch directory of its own, so a build killed half way leaves no
-    lock behind and two processes starting at once do not wait on each other.
-    """
-    from torch.utils.cpp_extension import load
-
+    """Compile the library for this CPU into `library` for later processes, and load it."""
     library.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_scratch(library.parent)
-    scratch = Path(tempfile.mkdtemp(prefix="build-", dir=library.parent))
     logger.info("compiling fused CPU kernels into %s (once, about 20 s)", library.parent)
-    # The ninja that pip installs sits next to this interpreter, which may not be on PATH.
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    try:
-        load(  # also loads it into this process
-            name="kestrel_cpu_ops",
-            sources=[str(path) for path in SOURCES],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(scratch),
-            is_python_module=False,
-            verbose=False,
-        )
-        os.replace(scratch / library.name, library)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    build(library, FLAGS)
+    torch.ops.load_library(str(library))
 
 
 # A build takes about 20 s: a scratch directory this old belongs to a build that was killed.
