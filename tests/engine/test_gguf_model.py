@@ -158,10 +158,10 @@ def test_reader_reads_what_ggufs_own_reader_reads(name):
 
 
 def test_smollm2_q4_1_weights_stay_quantized_and_agree_with_bf16(quantized_kernels):
-    """The Q4_1 file as is: its resident weights are no larger than the file, and its greedy
-    tokens mostly agree with the bf16 model converted from the same file."""
+    """The Q4_1 file as is: its resident weights are no larger than the file, and along the bf16
+    model's greedy answers (converted from the same file) it predicts the same next token, but
+    where bf16 itself nearly ties."""
     from engine.loader import load_model
-    from tests.engine.model_driver import greedy_generate
 
     path = fetch_gguf("smollm2-135m-instruct")
     reader = open_gguf(path)
@@ -171,8 +171,16 @@ def test_smollm2_q4_1_weights_stay_quantized_and_agree_with_bf16(quantized_kerne
     reference = load_model(resolve_model("smollm2-135m-instruct"), config, torch.bfloat16)
     tokenizer = Tokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
     prompts = [tokenizer.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
-    ours, theirs = greedy_generate(model, prompts, 24), greedy_generate(reference, prompts, 24)
-    # Q4_1 decoded exactly (float32) vs rounded to bf16: near-ties may flip late in an answer.
-    assert all(a[:6] == b[:6] for a, b in zip(ours, theirs)), (ours, theirs)
-    same = sum(x == y for a, b in zip(ours, theirs) for x, y in zip(a, b))
-    assert same >= 0.6 * 24 * len(CHATS), (ours, theirs)
+    answers = greedy_generate(reference, prompts, 24)
+    # Teacher-forced on bf16's answers: free-running answers part at the first near-tie (Q4_1
+    # decoded exactly in float32 vs rounded to bf16; on an AMX CPU, "List three prime numbers."
+    # opens "1." in bf16 and "The" in Q4_1), after which nothing is compared.
+    texts = [p + a for p, a in zip(prompts, answers, strict=True)]
+    agree = total = 0
+    for prompt, ours, theirs in zip(prompts, prefill_logits(model, texts), prefill_logits(reference, texts), strict=True):
+        ours, theirs = ours[len(prompt) - 1 : -1].float(), theirs[len(prompt) - 1 : -1].float()
+        top2 = theirs.topk(2).values
+        same = ours.argmax(-1) == theirs.argmax(-1)
+        assert ((top2[:, 0] - top2[:, 1])[~same] < 0.5).all(), "a token bf16 is sure of differs"
+        agree, total = agree + int(same.sum()), total + len(same)
+    assert agree >= 0.9 * total, (agree, total)
