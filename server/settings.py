@@ -44,8 +44,8 @@ class ServerConfig:
     drain_timeout: float = 8.0  # seconds in-flight requests may finish after SIGTERM (see default.toml)
     sse_ping_interval: float = 15.0  # seconds between SSE comment pings
     retry_after: int = 1  # seconds, sent with 429
-    # OMP_WAIT_POLICY for the process's kernel threads, set before torch loads (see default.toml)
-    thread_wait_policy: str = "passive"
+    # How the process's idle kernel threads wait, set before torch loads (see default.toml)
+    thread_wait_policy: str = "brief"
     grammar_compile_timeout: float = 10.0  # seconds a structured output's grammar may take to compile
     tool_call_parser: str = "auto"  # the model's tool-call syntax (server/tool_calls.py PARSERS)
     # Sampling defaults between the request's values and the model's generation_config.json.
@@ -242,7 +242,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("model", "max_model_len", _opt_int, None, "context length in tokens; unset: the model's max_position_embeddings"),
     Knob("model", "chat_template", _optional(_parse_str), None, "path to a chat template overriding the model's"),
     Knob("model", "num_threads", _opt_int, None, "torch intra-op threads; unset: torch's default"),
-    Knob("model", "thread_wait_policy", _choice("passive", "active"), "passive", "idle kernel threads sleep (passive) or spin (active); OMP_WAIT_POLICY in the environment wins"),
+    Knob("model", "thread_wait_policy", _choice("brief", "passive", "active"), "brief", "idle kernel threads spin briefly then sleep (brief), sleep (passive) or spin (active); OMP_WAIT_POLICY / GOMP_SPINCOUNT in the environment win"),
     Knob("cache", "block_size", _at_least(_parse_int, 1), 16, "tokens per KV cache block"),
     Knob("cache", "kv_cache_memory", parse_memory, 2 * 2**30, "KV pool: a size (\"2GiB\") or a fraction of available memory"),
     Knob("cache", "enable_prefix_caching", _parse_bool, True, "reuse the cached KV blocks a prompt shares with earlier ones"),

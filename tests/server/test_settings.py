@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -171,3 +172,25 @@ def test_help_and_settings_errors_do_not_load_torch(args, code) -> None:
     assert returncode == code
     assert "server" in modules and "engine" in modules
     assert "torch" not in modules
+
+
+@pytest.mark.parametrize(
+    ("policy", "environ", "expected"),
+    [
+        ("brief", {}, {"GOMP_SPINCOUNT": "10000"}),
+        ("passive", {}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ("active", {}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+        ("brief", {"OMP_WAIT_POLICY": "passive"}, {"OMP_WAIT_POLICY": "passive"}),  # the environment wins
+        ("brief", {"GOMP_SPINCOUNT": "50"}, {"GOMP_SPINCOUNT": "50"}),
+        ("passive", {"OMP_WAIT_POLICY": "active"}, {"OMP_WAIT_POLICY": "active"}),
+    ],
+)
+def test_thread_wait_policy_sets_what_libgomp_reads(monkeypatch, policy, environ, expected):
+    from server.__main__ import set_thread_wait_policy
+
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    set_thread_wait_policy(policy)
+    assert {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ} == expected
