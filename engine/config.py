@@ -145,6 +145,12 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # sequences decoding together in one step
     max_num_batched_tokens: int = 2048  # tokens (prefill chunks + decodes) in one step
     max_waiting: int = 256  # queued requests beyond which new ones are refused
+    # Query-key pairs the prompt chunks of one step may attend over, a chunk of c tokens after p
+    # computed ones counting c * (p + c); None: no bound. On a CPU a chunk's attention grows with
+    # its context: SmolLM2 on 2 cores spent 4.7 s on one 2,048-token chunk at positions
+    # 2,048-3,334 (~1 us a pair), stopping every decode for as long. This bound keeps a step's
+    # prompt attention near 0.25 s; a long prompt takes more, shorter chunks, the same work.
+    max_prefill_attention: int | None = 262_144
     # Prompt-lookup speculative decoding (engine/speculation.py): draft tokens verified per
     # greedy sequence and step, while at most `speculative_max_seqs` sequences run. 0: off.
     # Draft rows cost arithmetic: on a 2-core AVX2 CPU, 4 sequences with drafts (20 rows) made
@@ -153,6 +159,8 @@ class SchedulerConfig:
     speculative_max_seqs: int = 1
 
     def __post_init__(self) -> None:
+        if self.max_prefill_attention is not None and self.max_prefill_attention < 1:
+            raise ConfigError("max_prefill_attention must be at least 1 (or unset: no bound)")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ConfigError(
                 "max_num_batched_tokens must be at least max_num_seqs, so every running "

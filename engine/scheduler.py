@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -61,6 +63,7 @@ class Scheduler:
         self.num_prefix_hit_tokens = 0
         # Blocks kept free when admitting, so admission does not force an immediate preemption.
         self.watermark_blocks = max(1, block_manager.num_blocks // 100)
+        self._attention_left: int | None = None  # of max_prefill_attention, in this schedule()
 
     @property
     def num_unfinished(self) -> int:
@@ -84,6 +87,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(scheduled=[])
+        self._attention_left = self.config.max_prefill_attention
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         self._admit_waiting(out, budget)
         # Decodes, then chunks continuing a cached prefix, then fresh prompts; each longest
@@ -106,7 +110,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = self._chunk(seq.num_computed_tokens, seq.num_uncomputed_tokens, budget)
+            if num_new == 0:  # a prompt chunk with no attention left this step: the next one
+                i += 1
+                continue
             num_tokens = seq.num_computed_tokens + num_new
             draft = self.speculator.propose(seq, budget - 1) if speculate and num_new == 1 else []
             if draft and bm.can_allocate(seq.seq_id, num_tokens + len(draft)):  # never preempts for it
@@ -142,7 +149,9 @@ class Scheduler:
             scores_prompt = seq.request.params.prompt_logprobs is not None
             cached = [] if scores_prompt else bm.match_prefix(seq.token_ids)
             num_cached = len(cached) * bm.block_size
-            num_new = min(len(seq.token_ids) - num_cached, budget)
+            num_new = self._chunk(num_cached, len(seq.token_ids) - num_cached, budget)
+            if num_new == 0:
+                break
             num_tokens = num_cached + num_new
             reserve = self.watermark_blocks if self.running else 0
             # Adopting a cached block that no table holds takes it out of the free pool too.
@@ -161,6 +170,23 @@ class Scheduler:
                 seq.request.num_cached_tokens = min(num_cached, seq.request.num_prompt_tokens)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
+
+    def _chunk(self, num_computed: int, num_uncomputed: int, budget: int) -> int:
+        """Tokens to compute for a sequence this step: all it has, within the token budget and,
+        for a prompt chunk, the attention left (the first chunk of a step gets at least one
+        token, so every prompt advances). Takes the chunk's attention from what is left."""
+        num_new = min(num_uncomputed, budget)
+        left = self._attention_left
+        if num_new <= 1 or left is None:
+            return num_new
+        # The largest c with c * (p + c) <= left.
+        p = num_computed
+        fits = (math.isqrt(p * p + 4 * left) - p) // 2
+        if left == self.config.max_prefill_attention:
+            fits = max(fits, 1)
+        num_new = min(num_new, fits)
+        self._attention_left = max(0, left - num_new * (p + num_new))
+        return num_new
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -248,6 +248,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("cache", "enable_prefix_caching", _parse_bool, True, "reuse the cached KV blocks a prompt shares with earlier ones"),
     Knob("scheduler", "max_num_seqs", _at_least(_parse_int, 1), 64, "sequences decoding together in one step"),
     Knob("scheduler", "max_num_batched_tokens", _at_least(_parse_int, 1), 2048, "tokens (prefill chunks + decodes) in one step"),
+    Knob("scheduler", "max_prefill_attention", _at_least(_parse_int, 1), 262144, "query-key pairs the prompt chunks of one step attend over (a chunk of c tokens after p: c * (p + c)); bounds how long a long prompt stops the decodes"),
     Knob("scheduler", "max_waiting", _at_least(_parse_int, 0), 256, "queued requests beyond which new ones get 429"),
     Knob("scheduler", "speculative_tokens", _at_least(_parse_int, 0), 4, "prompt-lookup draft tokens verified per greedy sequence and step; 0: off"),
     Knob("scheduler", "speculative_max_seqs", _at_least(_parse_int, 0), 1, "speculate only while at most this many sequences run"),
@@ -412,6 +413,7 @@ def build_configs(values: Mapping[str, Any]) -> tuple[EngineConfig, ServerConfig
     scheduler = SchedulerConfig(
         max_num_seqs=values["max_num_seqs"],
         max_num_batched_tokens=values["max_num_batched_tokens"],
+        max_prefill_attention=values["max_prefill_attention"],
         max_waiting=values["max_waiting"],
         speculative_tokens=values["speculative_tokens"],
         speculative_max_seqs=values["speculative_max_seqs"],

@@ -59,10 +59,12 @@ def make_scheduler(
     max_num_seqs: int | None = None,
     max_num_batched_tokens: int = 2048,
     prefix_caching: bool = False,
+    max_prefill_attention: int | None = SchedulerConfig.max_prefill_attention,
 ) -> Scheduler:
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs or min(64, max_num_batched_tokens),
         max_num_batched_tokens=max_num_batched_tokens,
+        max_prefill_attention=max_prefill_attention,
     )
     bm = make_block_manager(num_blocks, block_size, prefix_caching)
     return Scheduler(config, bm, max_model_len=1 << 20)

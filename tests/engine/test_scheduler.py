@@ -315,3 +315,38 @@ def test_a_preempted_sequence_resumes_from_its_cached_blocks():
     s._preempt(seq)
     out = cached_step(s)
     assert entries(out) == [(seq, 2)]  # the 8 tokens of its two full blocks were kept
+
+
+def test_prompt_chunks_are_bounded_by_their_attention_and_decodes_run_every_step():
+    """A chunk of c tokens after p computed ones attends over c * (p + c) query-key pairs: a
+    long prompt is cut so each step's chunks stay within max_prefill_attention (the first
+    chunk of a step gets at least one token), while the running decode is scheduled every step."""
+    budget = 10_000
+    s = make_scheduler(num_blocks=200, block_size=16, max_prefill_attention=budget)
+    (decode,) = add(s, 4)
+    step(s)  # its prompt; it decodes from here on
+    (long_prompt,) = add(s, 600)
+    chunks = []
+    while long_prompt.num_computed_tokens < 600:
+        before = long_prompt.num_computed_tokens
+        out = step(s)
+        assert (decode, 1) in entries(out)
+        (n,) = [n for seq, n in entries(out) if seq is long_prompt]
+        assert n >= 1 and n * (before + n) <= max(budget, before + 1)
+        chunks.append(n)
+    # 100 tokens at first (100 * 100), then shorter as the context grows.
+    assert chunks[0] == 100 and chunks == sorted(chunks, reverse=True) and len(chunks) > 10
+
+
+def test_prompt_chunks_share_one_steps_attention():
+    s = make_scheduler(num_blocks=200, block_size=16, max_prefill_attention=10_000)
+    a, b = add(s, 80, 80)
+    out = s.schedule()
+    # a takes 80 * 80 = 6,400 pairs; b gets the largest c with c * c <= 3,600.
+    assert entries(out) == [(a, 80), (b, 60)]
+
+
+def test_no_attention_bound_prefills_within_the_token_budget():
+    s = make_scheduler(num_blocks=200, block_size=16, max_prefill_attention=None)
+    (a,) = add(s, 600)
+    assert entries(s.schedule()) == [(a, 600)]
