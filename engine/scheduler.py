@@ -1,9 +1,9 @@
-"""Which sequences run in the next step: FCFS admission under a token budget, with preemption."""
+"""Which sequences run in the next step: FCFS admission under a token budget and a bound on prompt
+attention, with preemption."""
 
 from __future__ import annotations
 
 import math
-
 from collections import deque
 from dataclasses import dataclass, field
 

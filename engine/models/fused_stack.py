@@ -1,12 +1,11 @@
 """A Llama-family decoder stack as one call of the fused CPU kernel (`decoder_layers`).
 
-Where every layer linear runs the FMA or the AMX kernel (engine/layers/linear.py; the AMX one
-only for steps of up to AMX_MAX_ROWS rows, beyond which the modules run oneDNN) or the quantized one on
-GGUF blocks (engine/layers/quantized.py; a linear whose shards differ in block type in one part
-per type), and only q/k/v carry biases, the
-kernel runs all decoder layers and the final norm in one call, with the same kernels in the same
-order as the modules: the same result to the bit, without ~300 Python and dispatcher round trips
-per step.
+Where every layer linear runs the FMA kernel, the AMX one (engine/layers/linear.py; for steps of
+up to AMX_MAX_ROWS rows, beyond which the modules run oneDNN) or the quantized one on GGUF blocks
+(engine/layers/quantized.py; a linear whose shards differ in block type, in one part per type),
+and only q/k/v carry biases, the kernel runs all decoder layers and the final norm in one call,
+with the same kernels in the same order as the modules: the same result to the bit, without ~300
+Python and dispatcher round trips per step.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ class FusedDecoderStack:
     input_norms: list[torch.Tensor]  # [hidden_size]
     post_norms: list[torch.Tensor]  # [hidden_size]
     # Every layer's qkv, o, gate_up and down linears in that order, each in one or more parts:
-    # the parts' weights (FMA panels from kernels.fma_panels, or GGUF blocks), their types (the
+    # the parts' weights (FMA panels, AMX tiles or GGUF blocks), their types (the
     # GGML type of the blocks, FMA_PANELS or AMX_TILES), and four part counts per layer.
     linear_weights: list[torch.Tensor]
     linear_types: list[int]
