@@ -28,11 +28,10 @@ RUN python3 -m venv /app/.venv \
     else \
       /app/.venv/bin/pip install -q "$TORCH"; \
     fi
-# The dependencies alone (pyproject.toml's, and gguf to serve GGUF files as they are), so that
-# code changes rebuild none of this.
+# The dependencies alone (pyproject.toml's), so that code changes rebuild none of this.
 COPY pyproject.toml ./
 RUN /app/.venv/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
- && /app/.venv/bin/pip install -q -r /tmp/requirements.txt "gguf>=0.10" \
+ && /app/.venv/bin/pip install -q -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
 # ---- kernels: the C++ kernels compiled for every instruction-set level; g++ stays in this stage ----

@@ -84,14 +84,19 @@ class ChatChoice(BaseModel):
     stop_reason: str | int | None = None
 
 
-class ChatCompletion(BaseModel):
+class _CompletionResponse(BaseModel):
+    """What chat and text completions both answer with, besides `object` and `choices`."""
+
     id: str
-    object: Literal["chat.completion"]
     created: int
     model: str
-    choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+
+
+class ChatCompletion(_CompletionResponse):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
     prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
@@ -104,14 +109,9 @@ class CompletionChoice(BaseModel):
     prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_CompletionResponse):
     object: Literal["text_completion"]
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):

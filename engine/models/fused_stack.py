@@ -35,6 +35,7 @@ class FusedDecoderStack:
     linear_types: list[int]
     linear_parts: list[int]
     qkv_biases: list[torch.Tensor | None]
+    max_rows: int | None  # rows of the largest step it runs as the modules do (None: any)
     final_norm: torch.Tensor
     eps: float
     num_heads: int
@@ -62,6 +63,8 @@ class FusedDecoderStack:
             linear_types=[kind for linear in parts for _, kind in linear],
             linear_parts=[len(linear) for linear in parts],
             qkv_biases=[a.qkv_proj.bias for a in attns],
+            # Beyond AMX_MAX_ROWS the modules run oneDNN in place of the AMX kernel.
+            max_rows=AMX_MAX_ROWS if any(kind == AMX_TILES for linear in parts for _, kind in linear) else None,
             final_norm=final_norm.weight,
             eps=config.rms_norm_eps,
             num_heads=config.num_attention_heads,
@@ -71,7 +74,7 @@ class FusedDecoderStack:
 
     def takes(self, num_rows: int) -> bool:
         """Whether the stack runs a step of `num_rows` rows as the modules would."""
-        return AMX_TILES not in self.linear_types or num_rows <= AMX_MAX_ROWS
+        return self.max_rows is None or num_rows <= self.max_rows
 
     def __call__(
         self, hidden: torch.Tensor, rope: RotaryInputs, kv_caches: list[KVCache], meta: AttentionMetadata
