@@ -123,9 +123,13 @@ struct Avx512Lanes {
   }
   static KQ_INLINE F lookup16(F table, I index) { return _mm512_permutexvar_ps(index, table); }  // low 4 bits
   static KQ_INLINE F lookup32(F low, F high, I index) { return _mm512_permutex2var_ps(low, index, high); }  // low 5 bits
-  // Lanes whose bit is set in mask get bit 4 of their index set.
-  static KQ_INLINE I set_bit4(I index, uint32_t mask) {
-    return _mm512_mask_or_epi32(index, static_cast<__mmask16>(mask), index, _mm512_set1_epi32(16));
+  // Lanes whose bit is set in the 16 bits at mask get bit 4 of their index set. (The mask is
+  // loaded straight into a mask register: gcc would route it through a general one, a shuffle-
+  // port uop per call.)
+  static KQ_INLINE I set_bit4(I index, const uint8_t* mask) {
+    __mmask16 k;
+    asm("kmovw %1, %0" : "=k"(k) : "m"(*reinterpret_cast<const uint16_t*>(mask)));
+    return _mm512_mask_or_epi32(index, k, index, _mm512_set1_epi32(16));
   }
   // Halves at p broadcast to every lane: one (d) or two adjacent ones (d, m).
   static KQ_INLINE F half1(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(load_u16(p)))); }
@@ -399,6 +403,40 @@ KQ_INLINE typename L::F opaque_lanes(typename L::F v) {
 template <typename L>
 using F_t = typename L::F;
 
+// Q4_0 .. Q8_0 begin with kHalves IEEE half scales: d, or d and m. Their decoders read them
+// through S: BlockScales converts the block's own; ConvertedScales reads floats converted ahead
+// for many blocks at once (convert_halves), which on AVX-512 turns a conversion and two shuffles
+// per block into broadcasts from memory. The values are the same.
+template <typename L>
+struct BlockScales {
+  static KQ_INLINE F_t<L> d(const uint8_t* b) { return L::half1(b); }
+  static KQ_INLINE void dm(const uint8_t* b, F_t<L>& d, F_t<L>& m) { L::half2(b, d, m); }
+};
+template <typename L>
+struct ConvertedScales {
+  const float* s;  // this block's kHalves floats
+  KQ_INLINE F_t<L> d(const uint8_t*) const { return L::set1(s[0]); }
+  KQ_INLINE void dm(const uint8_t*, F_t<L>& d, F_t<L>& m) const {
+    d = L::set1(s[0]);
+    m = L::set1(s[1]);
+  }
+};
+
+// out[i] = in[i] as float32 for i < n, n a multiple of 8.
+KQ_INLINE void convert_halves(const uint16_t* in, int n, float* out) {
+#if defined(__F16C__)
+  for (int i = 0; i < n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(as<__m128i>(in + i))));
+#else
+  for (int i = 0; i < n; ++i) out[i] = half_to_f32(in[i]);
+#endif
+}
+
+// Q::kHalves, or 0 for the types without leading half scales.
+template <typename Q, typename = void>
+constexpr int kHalvesOf = 0;
+template <typename Q>
+constexpr int kHalvesOf<Q, std::void_t<decltype(Q::kHalves)>> = Q::kHalves;
+
 struct F32Block {  // not quantized: the kernel's block is 32 elements
   static constexpr int kId = 0, kBlock = 32, kBytes = 128;
   static constexpr const char* kName = "F32";
@@ -435,10 +473,11 @@ KQ_INLINE typename L::I nibbles32(const uint8_t* qs, int i) {
 
 struct Q4_0Block {
   static constexpr int kId = 2, kBlock = 32, kBytes = 18;
+  static constexpr int kHalves = 1;
   static constexpr const char* kName = "Q4_0";
-  template <typename L, typename Emit>
-  static KQ_INLINE void decode(const uint8_t* b, Emit&& emit) {
-    const F_t<L> d = L::half1(b);
+  template <typename L, typename Emit, typename S = BlockScales<L>>
+  static KQ_INLINE void decode(const uint8_t* b, Emit&& emit, S scales = {}) {
+    const F_t<L> d = scales.d(b);
     if constexpr (L::kLookup) {
       const F_t<L> table = L::mul(d, L::iota(-8));  // d * (q - 8), q = 0..15
       const auto raw = L::u8(b + 2);
@@ -452,11 +491,12 @@ struct Q4_0Block {
 
 struct Q4_1Block {
   static constexpr int kId = 3, kBlock = 32, kBytes = 20;
+  static constexpr int kHalves = 2;
   static constexpr const char* kName = "Q4_1";
-  template <typename L, typename Emit>
-  static KQ_INLINE void decode(const uint8_t* b, Emit&& emit) {
+  template <typename L, typename Emit, typename S = BlockScales<L>>
+  static KQ_INLINE void decode(const uint8_t* b, Emit&& emit, S scales = {}) {
     F_t<L> d, m;
-    L::half2(b, d, m);
+    scales.dm(b, d, m);
     if constexpr (L::kLookup) {
       const F_t<L> table = L::add(opaque_lanes<L>(L::mul(d, L::iota(0))), m);
       const auto raw = L::u8(b + 4);
@@ -471,16 +511,17 @@ struct Q4_1Block {
 
 struct Q5_0Block {
   static constexpr int kId = 6, kBlock = 32, kBytes = 22;
+  static constexpr int kHalves = 1, kQh = 2;  // qh: the fifth bits
   static constexpr const char* kName = "Q5_0";
-  template <typename L, typename Emit>
-  static KQ_INLINE void decode(const uint8_t* b, Emit&& emit) {
-    const F_t<L> d = L::half1(b);
-    const uint32_t qh = load_u32(b + 2);
+  template <typename L, typename Emit, typename S = BlockScales<L>>
+  static KQ_INLINE void decode(const uint8_t* b, Emit&& emit, S scales = {}) {
+    const F_t<L> d = scales.d(b);
+    const uint32_t qh = load_u32(b + kQh);
     if constexpr (L::kLookup) {
       const F_t<L> low = L::mul(d, L::iota(-16)), high = L::mul(d, L::iota(0));  // d * (q - 16), q = 0..31
       const auto raw = L::u8(b + 6);
-      emit(0, L::lookup32(low, high, L::set_bit4(L::and_(raw, 0xF), qh)));
-      emit(1, L::lookup32(low, high, L::set_bit4(L::srl(raw, 4), qh >> 16)));
+      emit(0, L::lookup32(low, high, L::set_bit4(L::and_(raw, 0xF), b + kQh)));
+      emit(1, L::lookup32(low, high, L::set_bit4(L::srl(raw, 4), b + kQh + 2)));
       return;
     }
     for (int v = 0; v < kBlock / L::N; ++v) {
@@ -493,18 +534,19 @@ struct Q5_0Block {
 
 struct Q5_1Block {
   static constexpr int kId = 7, kBlock = 32, kBytes = 24;
+  static constexpr int kHalves = 2, kQh = 4;
   static constexpr const char* kName = "Q5_1";
-  template <typename L, typename Emit>
-  static KQ_INLINE void decode(const uint8_t* b, Emit&& emit) {
+  template <typename L, typename Emit, typename S = BlockScales<L>>
+  static KQ_INLINE void decode(const uint8_t* b, Emit&& emit, S scales = {}) {
     F_t<L> d, m;
-    L::half2(b, d, m);
-    const uint32_t qh = load_u32(b + 4);
+    scales.dm(b, d, m);
+    const uint32_t qh = load_u32(b + kQh);
     if constexpr (L::kLookup) {
       const F_t<L> low = L::add(opaque_lanes<L>(L::mul(d, L::iota(0))), m);
       const F_t<L> high = L::add(opaque_lanes<L>(L::mul(d, L::iota(16))), m);
       const auto raw = L::u8(b + 8);
-      emit(0, L::lookup32(low, high, L::set_bit4(L::and_(raw, 0xF), qh)));
-      emit(1, L::lookup32(low, high, L::set_bit4(L::srl(raw, 4), qh >> 16)));
+      emit(0, L::lookup32(low, high, L::set_bit4(L::and_(raw, 0xF), b + kQh)));
+      emit(1, L::lookup32(low, high, L::set_bit4(L::srl(raw, 4), b + kQh + 2)));
       return;
     }
     for (int v = 0; v < kBlock / L::N; ++v) {
@@ -517,10 +559,11 @@ struct Q5_1Block {
 
 struct Q8_0Block {
   static constexpr int kId = 8, kBlock = 32, kBytes = 34;
+  static constexpr int kHalves = 1;
   static constexpr const char* kName = "Q8_0";
-  template <typename L, typename Emit>
-  static KQ_INLINE void decode(const uint8_t* b, Emit&& emit) {
-    const F_t<L> d = L::half1(b);
+  template <typename L, typename Emit, typename S = BlockScales<L>>
+  static KQ_INLINE void decode(const uint8_t* b, Emit&& emit, S scales = {}) {
+    const F_t<L> d = scales.d(b);
     for (int v = 0; v < kBlock / L::N; ++v) emit(v, L::mul(L::cvt(L::i8(b + 2 + v * L::N)), d));
   }
 };

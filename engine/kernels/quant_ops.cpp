@@ -102,6 +102,21 @@ KQ_INLINE void prefetch(const void* base, int64_t offset) {
 #endif
 }
 
+// Blocks whose leading half scales (kHalves) direct_group converts at once, for all NO rows.
+constexpr int kScaleChunk = 32;
+
+// The kHalves scales of blocks b0 .. b0 + count - 1 of each row, as floats at
+// out[(i * NO + o) * kHalves ..] for block b0 + i of row o.
+template <typename Q, int NO>
+KQ_INLINE void convert_scales(const uint8_t* const* rows, int64_t b0, int count, float* out) {
+  constexpr int H = kHalvesOf<Q>, n = kScaleChunk * NO * H;
+  alignas(32) uint16_t halves[n];
+  for (int i = 0; i < count; ++i)
+    for (int o = 0; o < NO; ++o)
+      for (int h = 0; h < H; ++h) halves[(i * NO + o) * H + h] = load_u16(rows[o] + (b0 + i) * Q::kBytes + 2 * h);
+  convert_halves(halves, (count * NO * H + 7) / 8 * 8, out);  // the tail past count: never read
+}
+
 // sums[r * NO + o] = the sum for output o (weight row rows[o]) and x row r. Groups of rows are
 // contiguous, one after the other (but for a short last group, where prefetching is harmless).
 template <typename Q, int NO, int MR>
@@ -110,15 +125,31 @@ void direct_group(const uint8_t* const* rows, const float* x, int64_t K, float* 
   unroll<MR * NO>([&](auto i) { acc[i] = Lanes::zero(); });
   const int64_t blocks = K / Q::kBlock, group_bytes = NO * blocks * Q::kBytes;
   const int64_t ahead = (kPrefetchBytes + group_bytes - 1) / group_bytes * group_bytes;
-  for (int64_t b = 0; b < blocks; ++b) {
+  auto block_step = [&](int64_t b, auto scales_of) {
     // the bytes of one block step (NO blocks' worth) of a group `ahead` on
     for (int line = 0; line < NO * Q::kBytes; line += 64) prefetch(rows[0], ahead + b * NO * Q::kBytes + line);
     const float* xb = x + b * Q::kBlock;
     unroll<NO>([&](auto o) {
-      Q::template decode<Lanes>(rows[o] + b * Q::kBytes, [&](int v, F w) {
+      auto fma_rows = [&](int v, F w) {
         unroll<MR>([&](auto r) { acc[r * NO + o] = Lanes::fma(w, Lanes::loadf(xb + r * K + v * Lanes::N), acc[r * NO + o]); });
-      });
+      };
+      if constexpr (kHalvesOf<Q> > 0) {
+        Q::template decode<Lanes>(rows[o] + b * Q::kBytes, fma_rows, scales_of(o));
+      } else {
+        Q::template decode<Lanes>(rows[o] + b * Q::kBytes, fma_rows);
+      }
     });
+  };
+  if constexpr (kHalvesOf<Q> > 0) {
+    alignas(64) float scales[kScaleChunk * NO * kHalvesOf<Q>];
+    for (int64_t b0 = 0; b0 < blocks; b0 += kScaleChunk) {
+      const int count = static_cast<int>(std::min<int64_t>(kScaleChunk, blocks - b0));
+      convert_scales<Q, NO>(rows, b0, count, scales);
+      for (int i = 0; i < count; ++i)
+        block_step(b0 + i, [&](int o) { return ConvertedScales<Lanes>{scales + (i * NO + o) * kHalvesOf<Q>}; });
+    }
+  } else {
+    for (int64_t b = 0; b < blocks; ++b) block_step(b, nullptr);
   }
   sum_all<MR * NO>(acc, sums);
 }

@@ -53,7 +53,8 @@ def assert_bits_equal(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def in_features_for(qtype: T) -> int:
-    return 1280 if gguf.GGML_QUANT_SIZES[qtype][0] == 256 else 608  # several passes of 512 columns
+    # several passes of 512 columns; for 32-element blocks, a chunk of 32 blocks' scales and a rest
+    return 1280 if gguf.GGML_QUANT_SIZES[qtype][0] == 256 else 1120
 
 
 # ---- dequantization ----------------------------------------------------------------------------
