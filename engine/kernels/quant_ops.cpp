@@ -18,7 +18,7 @@
 //     rows then read, in passes of kPanelColumns columns (the accumulators kept in memory
 //     between passes); decoding is amortised over the rows.
 //
-// Threads split the output groups (at::parallel_for); every output is summed by one thread.
+// Threads split the output groups (parallel.h); every output is summed by one thread.
 // tests/engine/test_quant_ops.py checks the bits against gguf and across batches.
 
 #include <ATen/ATen.h>
@@ -32,6 +32,7 @@
 #include <memory>
 #include <type_traits>
 
+#include "parallel.h"
 #include "quant_blocks.h"
 #include "quant_dot.h"
 
@@ -228,7 +229,7 @@ template <typename Q, int MR, typename R>
 void linear_direct(const float* x, int64_t K, const uint8_t* w, int64_t N, const float* bias, R* out) {
   constexpr int NO = kDirectOutputs<MR>;
   const int64_t row_bytes = K / Q::kBlock * Q::kBytes, groups = (N + NO - 1) / NO;
-  at::parallel_for(0, groups, grain(NO, K, MR), [&](int64_t begin, int64_t end) {
+  kestrel::parallel_ranges(groups, grain(NO, K, MR), [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const uint8_t* rows[NO];
       float sums[MR * NO];
@@ -261,7 +262,7 @@ void linear_panels(const float* x, int64_t M, int64_t K, const uint8_t* w, int64
   constexpr int NO = kPanelOutputs;
   const int64_t row_bytes = K / Q::kBlock * Q::kBytes, groups = (N + NO - 1) / NO;
   const int64_t tiles = (M + kTileRows - 1) / kTileRows, passes = (K + kPanelColumns - 1) / kPanelColumns;
-  at::parallel_for(0, groups, grain(NO, K, M), [&](int64_t begin, int64_t end) {
+  kestrel::parallel_ranges(groups, grain(NO, K, M), [&](int64_t begin, int64_t end) {
     // [NO, K] float32, and the accumulators between passes, [tiles, kTileRows * NO, L::N]
     const int64_t saved_floats = passes > 1 ? tiles * kTileRows * NO * Lanes::N : 0;
     std::unique_ptr<float, FreeDeleter> panel(aligned_floats(NO * K)), saved(aligned_floats(saved_floats));
@@ -344,7 +345,7 @@ void linear_dot(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
   const int64_t group_bytes = NO * row_bytes;
   const int64_t ahead = (kPrefetchBytes + group_bytes - 1) / group_bytes * group_bytes;
   const int64_t tiles = (M + kDotRows - 1) / kDotRows;
-  at::parallel_for(0, groups, grain(NO, K, M), [&](int64_t begin, int64_t end) {
+  kestrel::parallel_ranges(groups, grain(NO, K, M), [&](int64_t begin, int64_t end) {
     AlignedBuffer<uint8_t> bytes(NO * chunks * 256);
     AlignedBuffer<float> scale(NO * chunks * G * 8), offset(NO * chunks * dot::kChunk);
     AlignedBuffer<int32_t> correct(NO * chunks * G * 8);
@@ -410,9 +411,41 @@ void with_output_type(at::ScalarType dtype, Fn&& fn) {
 
 // ---- Ops ------------------------------------------------------------------------------------
 
+// Decode steps' activations (up to this many floats) are widened into a buffer the calling
+// thread keeps: torch's own conversion, with its allocation, cost ~2 us a call, 121 calls a
+// SmolLM2 step.
+constexpr int64_t kReusedFloats = 65536;
+
+// x as float32 (exact): x itself, or its bf16 values widened (by torch past kReusedFloats).
+class FloatRows {
+ public:
+  explicit FloatRows(const at::Tensor& x) {
+    if (x.scalar_type() == at::kFloat) {
+      data_ = x.data_ptr<float>();
+      return;
+    }
+    const int64_t n = x.numel();
+    if (n > kReusedFloats) {
+      owned_ = x.to(at::kFloat);
+      data_ = owned_.data_ptr<float>();
+      return;
+    }
+    thread_local std::unique_ptr<float[]> reused(new float[kReusedFloats]);
+    const uint16_t* in = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    for (int64_t i = 0; i < n; ++i) reused[i] = bits_to_f32(static_cast<uint32_t>(in[i]) << 16);
+    data_ = reused.get();
+  }
+  const float* data() const { return data_; }
+
+ private:
+  const float* data_ = nullptr;
+  at::Tensor owned_;
+};
+
 // A linear's checked arguments: x and the bias in float32 (exact), and the output to fill.
 struct LinearCall {
-  at::Tensor x32;     // [rows, in_features]
+  FloatRows x32;      // [rows, in_features]
+  int64_t rows, in_features;
   at::Tensor bias32;  // [out_features], or undefined
   at::Tensor out;     // [rows, out_features] in x's dtype
 };
@@ -427,7 +460,7 @@ LinearCall check_linear(const char* op, const at::Tensor& x, const at::Tensor& b
               x.sizes());
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   const int64_t N = blocks.size(0);
-  LinearCall call;
+  LinearCall call{FloatRows(x), x.size(0), x.size(1), {}, {}};
   if (bias) {
     TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be on the CPU");
     TORCH_CHECK(bias->scalar_type() == at::kFloat || bias->scalar_type() == x.scalar_type(), op,
@@ -437,20 +470,19 @@ LinearCall check_linear(const char* op, const at::Tensor& x, const at::Tensor& b
     call.bias32 = bias->to(at::kFloat);
   }
   call.out = at::empty({x.size(0), N}, x.options());
-  call.x32 = x.to(at::kFloat);
   return call;
 }
 
 // Runs kernel(Q{}, R{}, x, M, K, w, N, bias, out) for the call's block and output types.
 template <typename Kernel>
 at::Tensor run_linear(const LinearCall& call, const at::Tensor& blocks, int64_t qtype, Kernel&& kernel) {
-  const int64_t M = call.x32.size(0), K = call.x32.size(1), N = blocks.size(0);
+  const int64_t M = call.rows, K = call.in_features, N = blocks.size(0);
   if (M == 0 || N == 0) return call.out;
   const float* bp = call.bias32.defined() ? call.bias32.data_ptr<float>() : nullptr;
   with_block_type(qtype, [&](auto q) {
     with_output_type(call.out.scalar_type(), [&](auto r) {
       using R = decltype(r);
-      kernel(q, r, call.x32.data_ptr<float>(), M, K, blocks.data_ptr<uint8_t>(), N, bp,
+      kernel(q, r, call.x32.data(), M, K, blocks.data_ptr<uint8_t>(), N, bp,
              reinterpret_cast<R*>(call.out.data_ptr()));
     });
   });
