@@ -43,25 +43,27 @@ using namespace kestrel_quant;
 // Lanes, and the tile shapes per regime. Many rows: NO x MR accumulators, MR rows of x and
 // one weight vector in registers (AVX-512: 28 of 32; measured against 4x6, 6x4 and 12x2 on
 // Zen 4, AVX2: 15 of 16, against 3x3, 4x2, 4x3 and 8x2). Few rows: up to 16 accumulators
-// next to the decoder's temporaries.
+// next to the decoder's temporaries (AVX-512: 24, for up to 6 rows).
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 using Lanes = Avx512Lanes;
 constexpr int kPanelOutputs = 8, kTileRows = 3;
 template <int MR>
 constexpr int kDirectOutputs = 4;
+constexpr int64_t kDirectRows = 6;  // 5 rows (a decode with 4 draft tokens): 105 us, in panels 142
 #elif defined(__AVX2__) && defined(__FMA__)
 using Lanes = Avx2Lanes;
 constexpr int kPanelOutputs = 6, kTileRows = 2;
 template <int MR>
 constexpr int kDirectOutputs = MR <= 2 ? 4 : 2;
+constexpr int64_t kDirectRows = 4;
 #else
 using Lanes = ScalarLanes;
 constexpr int kPanelOutputs = 2, kTileRows = 2;
 template <int MR>
 constexpr int kDirectOutputs = 2;
+constexpr int64_t kDirectRows = 4;
 #endif
 using F = Lanes::F;
-constexpr int64_t kDirectRows = 4;
 
 // sums[i] = Lanes::sum(acc[i]) for i < COUNT, to the bit, in groups where that is cheaper.
 template <int COUNT>
@@ -296,10 +298,12 @@ void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, c
     case 2: return linear_direct<Q, 2>(x, K, w, N, bias, out);
     case 3: return linear_direct<Q, 3>(x, K, w, N, bias, out);
     case 4: return linear_direct<Q, 4>(x, K, w, N, bias, out);
-    default: return linear_panels<Q>(x, M, K, w, N, bias, out);
+    case 5: if constexpr (kDirectRows >= 6) return linear_direct<Q, 5>(x, K, w, N, bias, out); break;
+    case 6: if constexpr (kDirectRows >= 6) return linear_direct<Q, 6>(x, K, w, N, bias, out); break;
   }
+  linear_panels<Q>(x, M, K, w, N, bias, out);
 }
-static_assert(kDirectRows == 4, "linear() dispatches rows 1-4 to linear_direct");
+static_assert(kDirectRows == 4 || kDirectRows == 6, "linear() dispatches rows 1-4 or 1-6 to linear_direct");
 
 // ---- Integer dot products (quant_dot.h) -----------------------------------------------------------
 
