@@ -500,7 +500,17 @@ def ratio_table(ours: dict[str, Any], peer: dict[str, Any], table: list[dict[str
             for entry in table
         ]
         rows.append((f"{label} ({'higher' if higher_better else 'lower'} is better)", cells))
-    return f"{title}\n{format_table('', [entry['label'] for entry in table], rows)}"
+    text = f"{title}\n{format_table('', [entry['label'] for entry in table], rows)}"
+    for entry in table:
+        if entry.get("round_ratios"):
+            rounds = [r for r in entry["round_ratios"] if r is not None]
+            text += (
+                f"\n{entry['label']}: output tok/s ratio by round "
+                + " ".join(f"{r:.2f}" for r in entry["round_ratios"] if r is not None)
+                + f" (median {sorted(rounds)[(len(rounds) - 1) // 2]:.2f}; the table shows each"
+                " server's median round)"
+            )
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,6 +608,55 @@ def launch_and_benchmark(
     return report
 
 
+def launch_pair_and_benchmark(
+    specs: list[tuple[str, list[str], int, str | None, str | None, tuple[str, ...]]],
+    plan: Plan,
+    log_dir: Path,
+    rounds: int,
+) -> list[dict[str, Any]]:
+    """--rounds: both servers up at once, every level run `rounds` times, alternating between
+    them, so that a shared machine's drift over the run falls on both alike. Each server's level
+    figures are those of its median round (by output tok/s); every round's output tok/s is kept.
+    `specs` holds (name, command, port, model, api_key, settings) for Kestrel, then the peer."""
+    reports: list[dict[str, Any]] = []
+    targets: list[Target] = []
+    servers: list[ManagedServer] = []
+    with contextlib.ExitStack() as stack:
+        for name, command, port, model, api_key, settings in specs:
+            print(f"starting {name}: {shlex.join(command)}", file=sys.stderr, flush=True)
+            for line in settings:
+                print(f"  {line}", file=sys.stderr, flush=True)
+            server = stack.enter_context(launched(name, command, port, log_dir, plan.startup_timeout))
+            url = f"http://127.0.0.1:{port}"
+            target = Target(name, url, model or served_model(url, api_key), api_key)
+            report: dict[str, Any] = {"name": name, "url": url, "model": target.model,
+                                      "command": shlex.join(command), "log": str(server.log_path),
+                                      "warmup_error": asyncio.run(warm_up(target, plan)), "levels": []}
+            if settings:
+                report["settings"] = list(settings)
+            reports.append(report)
+            targets.append(target)
+            servers.append(server)
+        for level in plan.levels:
+            runs = [[measure_level(target, plan, level) for target in targets] for _ in range(rounds)]
+            for i, report in enumerate(reports):
+                mine = sorted((run[i] for run in runs), key=lambda f: f["output_throughput"] or 0.0)
+                chosen = dict(mine[(len(mine) - 1) // 2])
+                chosen["rounds_output_throughput"] = [run[i]["output_throughput"] for run in runs]
+                report["levels"].append(chosen)
+        for report, server in zip(reports, servers):
+            report["exit_code"] = server.exit_code()  # not None: it died during the run
+    return reports
+
+
+def round_ratios(ours: dict[str, Any], peer: dict[str, Any]) -> list[float] | None:
+    """Output tok/s of Kestrel over the peer's, round by round (--rounds)."""
+    a, b = ours.get("rounds_output_throughput"), peer.get("rounds_output_throughput")
+    if not a or not b:
+        return None
+    return [round(x / y, 3) if x and y else None for x, y in zip(a, b)]
+
+
 def first_and_last_line(text: str) -> str:
     """`text` on one line: its first line and, for a log tail, its last (usually the error)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -622,7 +681,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     target = url_target(args) if args.url else None
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="kestrel-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    if target is not None:
+    if peer is not None and target is None and args.rounds > 1:
+        ours_port, peer_port = free_port(), free_port()
+        command = kestrel_command(
+            args.model, ours_port, dtype=args.dtype, device=args.device, extra=shlex.split(args.server_args)
+        )
+        servers = launch_pair_and_benchmark(
+            [
+                (args.name, command, ours_port, args.served_model, args.api_key, ()),
+                (args.peer, peer.command(peer_port), peer_port, peer.model, None, peer.settings),
+            ],
+            plan,
+            log_dir,
+            args.rounds,
+        )
+        peer = None  # measured
+    elif target is not None:
         servers = [benchmark_target(target, plan)]
     else:
         port = free_port()
@@ -713,7 +787,7 @@ def build_report(
             "numerator": ours["name"],
             "denominator": peer["name"],
             "levels": [
-                {"label": a["label"], "ratios": ratios(a, b)}
+                {"label": a["label"], "ratios": ratios(a, b), "round_ratios": round_ratios(a, b)}
                 for a, b in zip(ours["levels"], peer["levels"])
             ],
         }
@@ -834,6 +908,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--server-args", default="", help="extra flags for the launched Kestrel, one string"
     )
     p.add_argument("--peer-args", default="", help="extra flags for the peer, one string")
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="with --peer: keep both servers up and run each level this many times, alternating"
+        " between them; each server reports its median round (default: 1, one after the other)",
+    )
     p.add_argument(
         "--num-warmup",
         type=int,
