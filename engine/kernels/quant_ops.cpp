@@ -2,8 +2,10 @@
 // bf16 bytes at 4 bits), and the same blocks dequantized by rows for embedding lookups.
 //
 // quant_linear computes each output as the float32 sum over k of dequant(w[o, k]) * x[r, k],
-// plus the bias, rounded once to x's dtype. Weight values are decoded exactly as the gguf
-// package's reference does (quant_blocks.h), then multiplied in float32 by FMA.
+// plus the bias, rounded once to x's dtype. Weight values are decoded as the gguf package's
+// reference does (quant_blocks.h), but for d * q + m in one FMA where a type has an offset
+// (within half an ulp; quant_dequantize keeps the reference's bits), then multiplied in float32
+// by FMA.
 //
 // Summation order, the same whatever the batch (an output row never depends on the others, nor
 // on the thread count): one accumulator of L::N lanes per (output, row), lane l summing the
@@ -64,6 +66,9 @@ constexpr int kDirectOutputs = 2;
 constexpr int64_t kDirectRows = 4;
 #endif
 using F = Lanes::F;
+// Both regimes decode alike (Rounding::kFused: see quant_blocks.h), so a row's result still
+// does not depend on the batch; quant_dequantize keeps gguf's rounding.
+constexpr Rounding kLinearRounding = Rounding::kFused;
 
 // sums[i] = Lanes::sum(acc[i]) for i < COUNT, to the bit, in groups where that is cheaper.
 template <int COUNT>
@@ -137,9 +142,9 @@ void direct_group(const uint8_t* const* rows, const float* x, int64_t K, float* 
         unroll<MR>([&](auto r) { acc[r * NO + o] = Lanes::fma(w, Lanes::loadf(xb + r * K + v * Lanes::N), acc[r * NO + o]); });
       };
       if constexpr (kHalvesOf<Q> > 0) {
-        Q::template decode<Lanes>(rows[o] + b * Q::kBytes, fma_rows, scales_of(o));
+        Q::template decode<Lanes, kLinearRounding>(rows[o] + b * Q::kBytes, fma_rows, scales_of(o));
       } else {
-        Q::template decode<Lanes>(rows[o] + b * Q::kBytes, fma_rows);
+        Q::template decode<Lanes, kLinearRounding>(rows[o] + b * Q::kBytes, fma_rows);
       }
     });
   };
@@ -159,10 +164,10 @@ void direct_group(const uint8_t* const* rows, const float* x, int64_t K, float* 
 
 // ---- Many rows: decode once into a panel -------------------------------------------------------
 
-template <typename Q>
+template <typename Q, Rounding R>
 void decode_row(const uint8_t* row, int64_t K, float* dst) {
   for (int64_t b = 0; b < K / Q::kBlock; ++b)
-    Q::template decode<Lanes>(row + b * Q::kBytes, [&](int v, F w) { Lanes::storef(dst + b * Q::kBlock + v * Lanes::N, w); });
+    Q::template decode<Lanes, R>(row + b * Q::kBytes, [&](int v, F w) { Lanes::storef(dst + b * Q::kBlock + v * Lanes::N, w); });
 }
 
 // Columns [k0, k1) of the panel ([NO, K] float32) against MR rows of x: the accumulators start
@@ -273,7 +278,7 @@ void linear_panels(const float* x, int64_t M, int64_t K, const uint8_t* w, int64
     for (int64_t g = begin; g < end; ++g) {
       const uint8_t* rows[NO];
       group_rows<NO>(w, row_bytes, N, g, rows);
-      for (int o = 0; o < NO; ++o) decode_row<Q>(rows[o], K, panel.get() + o * K);
+      for (int o = 0; o < NO; ++o) decode_row<Q, kLinearRounding>(rows[o], K, panel.get() + o * K);
       for (int64_t p = 0; p < passes; ++p) {
         const int64_t k0 = p * kPanelColumns, k1 = std::min(K, k0 + kPanelColumns);
         for (int64_t t = 0; t < tiles; ++t) {  // tiles of rows as even as can be, none over kTileRows
@@ -552,9 +557,9 @@ at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_
           TORCH_CHECK(id >= 0 && id < num_rows, op, ": row id ", id, " is out of range for ", num_rows, " rows");
           const uint8_t* row = wp + id * row_bytes;
           if constexpr (std::is_same_v<R, float>) {
-            decode_row<Q>(row, K, op_out + i * K);
+            decode_row<Q, Rounding::kReference>(row, K, op_out + i * K);
           } else {
-            decode_row<Q>(row, K, row32.get());
+            decode_row<Q, Rounding::kReference>(row, K, row32.get());
             for (int64_t k = 0; k < K; ++k) op_out[i * K + k] = static_cast<R>(row32[k]);
           }
         }
