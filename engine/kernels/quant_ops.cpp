@@ -122,7 +122,9 @@ KQ_INLINE void convert_scales(const uint8_t* const* rows, int64_t b0, int count,
   for (int i = 0; i < count; ++i)
     for (int o = 0; o < NO; ++o)
       for (int h = 0; h < H; ++h) halves[(i * NO + o) * H + h] = load_u16(rows[o] + (b0 + i) * Q::kBytes + 2 * h);
-  convert_halves(halves, (count * NO * H + 7) / 8 * 8, out);  // the tail past count: never read
+  const int used = count * NO * H, converted = (used + 7) / 8 * 8;
+  for (int i = used; i < converted; ++i) halves[i] = 0;  // converted in passing, never read
+  convert_halves(halves, converted, out);
 }
 
 // sums[r * NO + o] = the sum for output o (weight row rows[o]) and x row r. Groups of rows are
