@@ -608,32 +608,52 @@ def launch_and_benchmark(
     return report
 
 
+@dataclass(frozen=True)
+class Launch:
+    """A server for launch_pair_and_benchmark: `model` None asks it which model it serves;
+    `settings` (what makes the comparison fair) are printed and go into the report."""
+
+    name: str
+    command: list[str]
+    port: int
+    model: str | None
+    api_key: str | None = None
+    settings: tuple[str, ...] = ()
+
+
 def launch_pair_and_benchmark(
-    specs: list[tuple[str, list[str], int, str | None, str | None, tuple[str, ...]]],
-    plan: Plan,
-    log_dir: Path,
-    rounds: int,
+    launches: list[Launch], plan: Plan, log_dir: Path, rounds: int
 ) -> list[dict[str, Any]]:
     """--rounds: both servers up at once, every level run `rounds` times, alternating between
     them, so that a shared machine's drift over the run falls on both alike. Each server's level
-    figures are those of its median round (by output tok/s); every round's output tok/s is kept.
-    `specs` holds (name, command, port, model, api_key, settings) for Kestrel, then the peer."""
+    figures are those of its median round (by output tok/s); every round's output tok/s is kept."""
     reports: list[dict[str, Any]] = []
     targets: list[Target] = []
     servers: list[ManagedServer] = []
     with contextlib.ExitStack() as stack:
-        for name, command, port, model, api_key, settings in specs:
-            print(f"starting {name}: {shlex.join(command)}", file=sys.stderr, flush=True)
-            for line in settings:
+        for launch in launches:
+            print(f"starting {launch.name}: {shlex.join(launch.command)}", file=sys.stderr, flush=True)
+            for line in launch.settings:
                 print(f"  {line}", file=sys.stderr, flush=True)
-            server = stack.enter_context(launched(name, command, port, log_dir, plan.startup_timeout))
-            url = f"http://127.0.0.1:{port}"
-            target = Target(name, url, model or served_model(url, api_key), api_key)
-            report: dict[str, Any] = {"name": name, "url": url, "model": target.model,
-                                      "command": shlex.join(command), "log": str(server.log_path),
-                                      "warmup_error": asyncio.run(warm_up(target, plan)), "levels": []}
-            if settings:
-                report["settings"] = list(settings)
+            url = f"http://127.0.0.1:{launch.port}"
+            try:
+                server = stack.enter_context(
+                    launched(launch.name, launch.command, launch.port, log_dir, plan.startup_timeout)
+                )
+                target = Target(launch.name, url, launch.model or served_model(url, launch.api_key), launch.api_key)
+            except (ServerStartError, httpx.HTTPError) as exc:
+                raise SystemExit(f"{launch.name}: {first_and_last_line(str(exc))}") from None
+            report: dict[str, Any] = {
+                "name": launch.name,
+                "url": url,
+                "model": target.model,
+                "command": shlex.join(launch.command),
+                "log": str(server.log_path),
+                "warmup_error": asyncio.run(warm_up(target, plan)),
+                "levels": [],
+            }
+            if launch.settings:
+                report["settings"] = list(launch.settings)
             reports.append(report)
             targets.append(target)
             servers.append(server)
@@ -688,8 +708,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         servers = launch_pair_and_benchmark(
             [
-                (args.name, command, ours_port, args.served_model, args.api_key, ()),
-                (args.peer, peer.command(peer_port), peer_port, peer.model, None, peer.settings),
+                Launch(args.name, command, ours_port, args.served_model, args.api_key),
+                Launch(args.peer, peer.command(peer_port), peer_port, peer.model, settings=peer.settings),
             ],
             plan,
             log_dir,
