@@ -21,7 +21,7 @@ from torch import nn
 from engine import kernels
 from engine.config import ConfigError, ModelConfig
 from engine.layers.linear import Linear, pack_linear_weights
-from engine.layers.quantized import QUANTIZED_TYPES, QuantizedEmbedding, QuantizedWeight
+from engine.layers.quantized import QUANTIZED_TYPES, QuantizedEmbedding, QuantizedWeight, packed_for_linears
 from engine.loader import build_empty_model, load_weights, target_of
 
 # general.architecture -> Hugging Face model_type.
@@ -213,7 +213,7 @@ def load_gguf_model(
             (_, weight), = shards
             model.model.embed_tokens = QuantizedEmbedding(weight, dtype)
             if config.tie_word_embeddings:
-                _attach(model.lm_head, [weight])
+                _attach(model.lm_head, [weight], pack=False)  # the embedding reads these blocks
             continue
         _attach(modules[module_name], [weight for _, weight in sorted(shards, key=lambda s: s[0])])
     load_weights(model, iter(dense.items()))
@@ -222,9 +222,10 @@ def load_gguf_model(
     return model.eval()
 
 
-def _attach(linear: nn.Module, weights: list[QuantizedWeight]) -> None:
+def _attach(linear: nn.Module, weights: list[QuantizedWeight], pack: bool = True) -> None:
     """Give `linear` its blocks (a fused projection's shards in order, runs of one block type
-    joined into one part) in place of its dense weight."""
+    joined into one part, repacked where the kernels have a packed layout) in place of its
+    dense weight."""
     assert isinstance(linear, Linear)
     merged: list[QuantizedWeight] = []
     for weight in weights:
@@ -234,4 +235,4 @@ def _attach(linear: nn.Module, weights: list[QuantizedWeight]) -> None:
             merged.pop()
         merged.append(weight)
     linear.weight = None
-    linear.quant_parts = merged
+    linear.quant_parts = [packed_for_linears(weight) for weight in merged] if pack else merged

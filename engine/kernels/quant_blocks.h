@@ -29,8 +29,10 @@
 
 #if defined(__GNUC__)
 #define KQ_INLINE inline __attribute__((always_inline))
+#define KQ_INLINE_LAMBDA __attribute__((always_inline))  // after a lambda's parameters
 #else
 #define KQ_INLINE inline
+#define KQ_INLINE_LAMBDA
 #endif
 
 namespace kestrel_quant {

@@ -69,8 +69,15 @@ struct QuantizedRows {
   int64_t chunks;
 };
 
+// 32 floats quantized: bytes p (in order), d and sum(p).
+struct QuantizedUnit {
+  __m256i bytes;
+  float d;
+  int sum;
+};
+
 // Quantizes 32 floats: d = max|x| / 127, p = x * (127 / max|x|) rounded to nearest even.
-KQ_INLINE __m256i quantize_unit(const float* x, float* d_out, float* sum_out) {
+KQ_INLINE QuantizedUnit quantize_unit(const float* x) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 v[4], amax = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
@@ -89,12 +96,10 @@ KQ_INLINE __m256i quantize_unit(const float* x, float* d_out, float* sum_out) {
   __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
   t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
   t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
-  const float d = max_abs / 127.0f;
-  *d_out = d;
-  *sum_out = d * static_cast<float>(_mm_cvtsi128_si32(t));
   // int32 -> int8 in order: the packs work per 128-bit half, the permute puts the words back
   const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  return {_mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)), max_abs / 127.0f,
+          _mm_cvtsi128_si32(t)};
 }
 
 // Row r of x ([K] floats, K a multiple of 32) into chunk layout.
@@ -107,7 +112,10 @@ KQ_INLINE void quantize_row(const float* x, int64_t K, const QuantizedRows& rows
     for (int j = 0; j < kChunk; ++j) {
       const int64_t unit = c * kChunk + j;
       if (unit < units) {
-        v[j] = quantize_unit(x + unit * 32, d + j, sums + j);
+        const QuantizedUnit q = quantize_unit(x + unit * 32);
+        v[j] = q.bytes;
+        d[j] = q.d;
+        sums[j] = q.d * static_cast<float>(q.sum);
       } else {
         v[j] = _mm256_setzero_si256();
         d[j] = sums[j] = 0.0f;

@@ -22,6 +22,10 @@
 //
 // Threads split the output groups (parallel.h); every output is summed by one thread.
 // tests/engine/test_quant_ops.py checks the bits against gguf and across batches.
+//
+// With AVX-512, quant_pack repacks Q5_0 rows for integer dot products and quant_linear takes
+// them as type 1000 + 6 (packed::kPackedQ5_0): x is then quantized to int8 as llama.cpp does,
+// and the sum follows quant_packed.h's order, for few rows and many alike.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -37,6 +41,7 @@
 #include "parallel.h"
 #include "quant_blocks.h"
 #include "quant_dot.h"
+#include "quant_packed.h"
 
 namespace {
 
@@ -379,18 +384,101 @@ void linear_dot(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
 }
 #endif
 
+// ---- Packed Q5_0 (quant_packed.h) ----------------------------------------------------------------
+
+#if defined(KESTREL_QUANT_PACKED)
+// Outputs per group and rows per tile: NO * MR float accumulators and MR integer ones, next to the
+// decoder's temporaries (up to 26 of 32 registers).
+constexpr int kPackedOutputs = 4, kPackedRows = 4;
+
+// sums[r * NO + o] for MR rows of x (stripes from row r0) against weight rows rows[o].
+template <int NO, int MR>
+void packed_group(const uint8_t* const* rows, const packed::RowShape& shape, const packed::XStripe* x, int64_t r0,
+                  float* sums) {
+  using namespace packed;
+  Wide::F acc[NO * MR];  // [o * MR + r]
+  unroll<NO * MR>([&](auto i) { acc[i] = Wide::zero(); });
+  const int64_t stripes = shape.stripes(), group_bytes = NO * shape.bytes();
+  const int64_t ahead = (kPrefetchBytes + group_bytes - 1) / group_bytes * group_bytes;
+  const XStripe* xs[MR];
+  // the bytes of one stripe step (NO stripes' worth) of a group `ahead` on, as direct_group
+  auto prefetch_step = [&](int64_t from, int64_t bytes) {
+    for (int64_t line = 0; line < bytes; line += 64) prefetch(rows[0], ahead + from + line);
+  };
+  for (int64_t s = 0; s < shape.full; ++s) {
+    prefetch_step(s * NO * kFullStripeBytes, NO * kFullStripeBytes);
+    unroll<MR>([&](auto r) { xs[r] = x + (r0 + r) * stripes + s; });
+    stripe_step<NO, MR, true>(rows, s * kFullStripeBytes, kStripe, xs, acc);
+  }
+  if (shape.tail > 0) {
+    prefetch_step(shape.full * NO * kFullStripeBytes, NO * stripe_bytes(shape.tail));
+    unroll<MR>([&](auto r) { xs[r] = x + (r0 + r) * stripes + shape.full; });
+    stripe_step<NO, MR, false>(rows, shape.full * kFullStripeBytes, shape.tail, xs, acc);
+  }
+  unroll<NO>([&](auto o) { unroll<MR>([&](auto r) { sums[r * NO + o] = Wide::sum(acc[o * MR + r]); }); });
+}
+
+template <int NO, int MR = kPackedRows>
+void packed_rows(int64_t rows, const uint8_t* const* weights, const packed::RowShape& shape, const packed::XStripe* x,
+                 int64_t r0, float* sums) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return packed_rows<NO, MR - 1>(rows, weights, shape, x, r0, sums);
+  }
+  packed_group<NO, MR>(weights, shape, x, r0, sums);
+}
+
+// out = x @ dequant(w)^T + bias for packed Q5_0 rows w: few rows and many alike, in tiles of
+// rows (as even as can be, none over kPackedRows) per group of outputs, whose weights stay in L1
+// from one tile to the next.
+template <typename R>
+void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, R* out) {
+  using packed::XStripe;
+  constexpr int NO = kPackedOutputs;
+  const packed::RowShape shape = packed::row_shape(K);
+  const int64_t stripes = shape.stripes(), row_bytes = shape.bytes(), groups = (N + NO - 1) / NO;
+  AlignedBuffer<XStripe> xq(M * stripes);
+  kestrel::parallel_ranges(M, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) packed::quantize_row(x + r * K, K, stripes, xq.get() + r * stripes);
+  });
+  const int64_t tiles = (M + kPackedRows - 1) / kPackedRows;
+  auto work = [&](int64_t begin, int64_t end) {
+    float sums[kPackedRows * NO];
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t* rows[NO];
+      group_rows<NO>(w, row_bytes, N, g, rows);
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t m0 = t * M / tiles, m1 = (t + 1) * M / tiles;
+        packed_rows<NO>(m1 - m0, rows, shape, xq.get(), m0, sums);
+        write_sums<NO>(sums, m1 - m0, g * NO, N, bias, out + m0 * N);
+      }
+    }
+  };
+  kestrel::parallel_ranges(groups, grain(NO, K, M), work);
+}
+#endif
+
 // ---- Checks ---------------------------------------------------------------------------------
 
 struct BlockShape {
   int block, bytes;
   const char* name;
+  bool packed;  // quant_packed.h's layout: bytes per block vary
+  int64_t row_bytes(int64_t in_features) const {
+#if defined(KESTREL_QUANT_PACKED)
+    if (packed) return packed::row_shape(in_features).bytes();
+#endif
+    return in_features / block * bytes;
+  }
 };
 
 BlockShape block_shape(const char* op, int64_t qtype) {
-  BlockShape shape{0, 0, nullptr};
+#if defined(KESTREL_QUANT_PACKED)
+  if (qtype == packed::kPackedQ5_0) return {Q5_0Block::kBlock, Q5_0Block::kBytes, "packed Q5_0", true};
+#endif
+  BlockShape shape{0, 0, nullptr, false};
   const bool known = with_block_type(qtype, [&](auto q) {
     using Q = decltype(q);
-    shape = {Q::kBlock, Q::kBytes, Q::kName};
+    shape = {Q::kBlock, Q::kBytes, Q::kName, false};
   });
   TORCH_CHECK(known, op, ": unsupported qtype ", qtype, " (", ggml_type_name(qtype), "); supported: F32, F16, BF16, ",
               "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K");
@@ -398,7 +486,7 @@ BlockShape block_shape(const char* op, int64_t qtype) {
 }
 
 // Checks blocks against qtype and in_features (row bytes included).
-void check_blocks(const char* op, const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
+BlockShape check_blocks(const char* op, const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
   const BlockShape shape = block_shape(op, qtype);
   TORCH_CHECK(blocks.device().is_cpu(), op, ": blocks must be on the CPU");
   TORCH_CHECK(blocks.scalar_type() == at::kByte, op, ": blocks must be uint8, got ", blocks.scalar_type());
@@ -406,9 +494,10 @@ void check_blocks(const char* op, const at::Tensor& blocks, int64_t qtype, int64
   TORCH_CHECK(blocks.is_contiguous(), op, ": blocks must be contiguous");
   TORCH_CHECK(in_features > 0 && in_features % shape.block == 0, op, ": in_features ", in_features,
               " is not a positive multiple of ", shape.name, "'s block size ", shape.block);
-  const int64_t row_bytes = in_features / shape.block * shape.bytes;
+  const int64_t row_bytes = shape.row_bytes(in_features);
   TORCH_CHECK(blocks.size(1) == row_bytes, op, ": blocks have ", blocks.size(1), " bytes per row, but ", shape.name,
               " with in_features ", in_features, " needs ", row_bytes);
+  return shape;
 }
 
 template <typename Fn>
@@ -504,10 +593,40 @@ at::Tensor run_linear(const LinearCall& call, const at::Tensor& blocks, int64_t 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, int64_t in_features,
                         const c10::optional<at::Tensor>& bias) {
   const LinearCall call = check_linear("quant_linear", x, blocks, qtype, in_features, bias);
+#if defined(KESTREL_QUANT_PACKED)
+  if (qtype == packed::kPackedQ5_0) {
+    if (call.rows == 0 || blocks.size(0) == 0) return call.out;
+    with_output_type(call.out.scalar_type(), [&](auto r) {
+      using R = decltype(r);
+      linear_packed<R>(call.x32.data(), call.rows, call.in_features, blocks.data_ptr<uint8_t>(), blocks.size(0),
+                       call.bias32.defined() ? call.bias32.data_ptr<float>() : nullptr,
+                       reinterpret_cast<R*>(call.out.data_ptr()));
+    });
+    return call.out;
+  }
+#endif
   return run_linear(call, blocks, qtype, [](auto q, auto r, auto&&... args) {
     linear<decltype(q), decltype(r)>(args...);
   });
 }
+
+#if defined(KESTREL_QUANT_PACKED)
+// blocks in the layout of quant_packed.h, for quant_linear with type id kPackedBase + qtype.
+at::Tensor quant_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
+  constexpr const char* op = "quant_pack";
+  check_blocks(op, blocks, qtype, in_features);
+  TORCH_CHECK(qtype == Q5_0Block::kId, op, ": no packed layout for ", ggml_type_name(qtype), "; packable: Q5_0");
+  const packed::RowShape shape = packed::row_shape(in_features);
+  const int64_t N = blocks.size(0), row_bytes = blocks.size(1), packed_bytes = shape.bytes();
+  at::Tensor out = at::empty({N, packed_bytes}, blocks.options());
+  const uint8_t* in = blocks.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) packed::pack_row(in + n * row_bytes, shape, o + n * packed_bytes);
+  });
+  return out;
+}
+#endif
 
 #if defined(KESTREL_QUANT_DOT)
 // The same product by integer dot products on x quantized to int8 (quant_dot.h): Q4_0, Q4_1,
@@ -531,7 +650,7 @@ at::Tensor quant_dot_linear(const at::Tensor& x, const at::Tensor& blocks, int64
 at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features,
                             const c10::optional<at::Tensor>& row_ids, at::ScalarType dtype) {
   constexpr const char* op = "quant_dequantize";
-  check_blocks(op, blocks, qtype, in_features);
+  TORCH_CHECK(!check_blocks(op, blocks, qtype, in_features).packed, op, ": packed weights are for quant_linear only");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, ": dtype must be float32 or bfloat16, got ", dtype);
   const int64_t num_rows = blocks.size(0), K = in_features;
   at::Tensor ids;
@@ -579,6 +698,9 @@ TORCH_LIBRARY_FRAGMENT(kestrel, m) {
 #if defined(KESTREL_QUANT_DOT)
   m.def("quant_dot_linear(Tensor x, Tensor blocks, int qtype, int in_features, Tensor? bias) -> Tensor");
 #endif
+#if defined(KESTREL_QUANT_PACKED)
+  m.def("quant_pack(Tensor blocks, int qtype, int in_features) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
@@ -586,5 +708,8 @@ TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
   m.impl("quant_dequantize", &quant_dequantize);
 #if defined(KESTREL_QUANT_DOT)
   m.impl("quant_dot_linear", &quant_dot_linear);
+#endif
+#if defined(KESTREL_QUANT_PACKED)
+  m.impl("quant_pack", &quant_pack);
 #endif
 }

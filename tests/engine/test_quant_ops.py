@@ -240,6 +240,80 @@ def test_dot_linear_refuses_types_it_has_no_kernel_for(dot_linear):
         dot_linear(torch.randn(1, 256), blocks, int(T.Q2_K), 256, None)
 
 
+# ---- the packed integer-dot linear (quant_packed.h) ---------------------------------------------
+
+PACKED_BASE = 1000  # engine.layers.quantized.PACKED_TYPE_BASE
+
+
+@pytest.fixture
+def pack(ops):
+    if not hasattr(ops, "quant_pack"):
+        pytest.skip("the packed linear needs AVX-512 (BW, VL)")
+    return ops.quant_pack
+
+
+# units of 32 per row: a stripe of 16 with none left, stripes with 12 (Qwen's 896) and 5 (odd: its
+# masks padded) left, and 3 units alone
+PACKED_IN_FEATURES = [512, 896, 672, 96]
+
+
+@pytest.mark.parametrize("in_features", PACKED_IN_FEATURES)
+def test_packed_linear_is_within_the_int8_rounding_bound(ops, pack, in_features):
+    out_features = 45  # groups of outputs with a remainder
+    blocks = random_blocks(T.Q5_0, out_features, in_features, seed=5)
+    weight = reference(blocks, T.Q5_0)
+    packed = pack(torch.from_numpy(blocks), int(T.Q5_0), in_features)
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 2, 3, 5, 16, 64):
+        x = torch.randn(rows, in_features, generator=generator)
+        x[0, :32] = 0.0  # an all-zero unit has no scale
+        x[-1, 40] = 30.0  # an outlier coarsens its unit only
+        for dtype in (torch.float32, torch.bfloat16):
+            for bias in (None, torch.randn(out_features, generator=generator)):
+                got = ops.quant_linear(x.to(dtype), packed, PACKED_BASE + int(T.Q5_0), in_features, bias)
+                assert got.dtype == dtype and got.shape == (rows, out_features)
+                check_dot_linear(got, x.to(dtype).float(), weight, bias)
+
+
+@pytest.mark.parametrize("in_features", PACKED_IN_FEATURES)
+def test_packed_linear_rows_are_the_same_whatever_the_batch(ops, pack, in_features):
+    """Rows alone, in tiles of 1-4 and in batches of any size give the same bits, on one thread or all."""
+    out_features = 37
+    packed = pack(torch.from_numpy(random_blocks(T.Q5_0, out_features, in_features, seed=6)), int(T.Q5_0), in_features)
+    qtype = PACKED_BASE + int(T.Q5_0)
+    x = torch.randn(70, in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+    batch = ops.quant_linear(x, packed, qtype, in_features, None)
+    for row in range(70):
+        assert torch.equal(ops.quant_linear(x[row : row + 1], packed, qtype, in_features, None), batch[row : row + 1])
+    for rows in (2, 3, 4, 5, 6, 7, 9, 16):
+        assert torch.equal(ops.quant_linear(x[:rows], packed, qtype, in_features, None), batch[:rows]), rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(ops.quant_linear(x, packed, qtype, in_features, None), batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_packed_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack):
+    blocks = torch.from_numpy(random_blocks(T.Q5_0, 4, 896))  # 28 units: 22 bytes each
+    assert pack(blocks, int(T.Q5_0), 896).shape == blocks.shape
+    assert pack(blocks[:, : 21 * 22].contiguous(), int(T.Q5_0), 672).shape == (4, 21 * 22 + 4)  # 5 left: masks padded
+    qtype = PACKED_BASE + int(T.Q5_0)
+    cases = [
+        (lambda: pack(torch.from_numpy(random_blocks(T.Q4_0, 4, 64)), int(T.Q4_0), 64),
+         "no packed layout for Q4_0; packable: Q5_0"),
+        (lambda: ops.quant_linear(torch.randn(1, 896), blocks[:, :600].contiguous(), qtype, 896, None),
+         "blocks have 600 bytes per row, but packed Q5_0 with in_features 896 needs 616"),
+        (lambda: ops.quant_dequantize(pack(blocks, int(T.Q5_0), 896), qtype, 896, None, torch.float32),
+         "packed weights are for quant_linear only"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError) as raised:
+            call()
+        assert message in str(raised.value), (message, str(raised.value).splitlines()[0])
+
+
 # ---- errors ------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,192 @@
+// Q5_0 weights repacked for integer dot products, and the linear over them, for quant_ops.cpp
+// (CPUs with AVX-512 BW and VL). The float kernel decodes a Q5_0 block in ~6 cycles (one row),
+// so Qwen2.5's Q5_0 linears ran at 9 GB/s a core with their weights in cache; here they run at
+// 22 (23 at 4864 x 896 hot, 1 thread: 332 -> 129 us a call) and are bound by memory again.
+// There is no AVX2 form: without mask registers, spreading the fifth bits over bytes made it
+// slower than the float kernel (the same call, 552 -> 632 us).
+//
+// As llama.cpp does, the activations are quantized to int8, a scale per 32 columns
+// (dot::quantize_unit), and the weights' 5-bit values q meet them in vpdpbusd (VNNI) or
+// vpmaddubsw + vpmaddwd. The error added is that of rounding x to int8 (test_quant_ops.py states
+// the bound).
+//
+// Layout. A row's 32-element blocks ("units") go in stripes of 16 (the last stripe may hold
+// fewer, n), each stored as
+//     words[4][n]   uint32: words[i][j] = bytes 4i .. 4i + 3 of unit j's qs (two nibbles each)
+//     masks[4][2]   ceil(n / 2) bytes each: bit 4j + b of masks[i][h] = bit 16h + 4i + b of
+//                   unit j's qh (the fifth bits of the elements those nibbles hold)
+//     d[n]          the units' half scales
+// 22 bytes a unit, as in the file (plus 4 in a stripe of odd n). One 16-lane vector of words
+// then yields, per lane j, unit j's elements 4i .. 4i + 3 (low nibbles, masks[i][0]) and
+// 16 + 4i .. 16 + 4i + 3 (high nibbles, masks[i][1]): the integer dot of 16 units accumulates
+// in 16 lanes, with no shuffle, and the float work is done once per 16 units.
+//
+// Summation order, the same whatever the batch and the thread count: per
+// (output, row), 16 float lanes, lane j adding stripe after stripe, by FMA,
+//     float(I_j) * (d_w * d_x)     I_j = sum_k q_k p_k - 16 sum_k p_k (exact in int32)
+// for unit j of the stripe (w = d_w (q - 16), x ~ d_x p); then the lanes added in the fixed tree
+// of Avx512Lanes::sum; then the bias. Units past the row are zero in x and weigh nothing.
+
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "quant_blocks.h"
+#include "quant_dot.h"
+
+#if defined(KESTREL_QUANT_DOT) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KESTREL_QUANT_PACKED 1
+
+namespace kestrel_quant {
+namespace packed {
+
+constexpr int kStripe = 16;  // units per stripe
+constexpr int64_t kPackedBase = 1000;  // a packed layout's type id: kPackedBase + the GGML id
+constexpr int64_t kPackedQ5_0 = kPackedBase + Q5_0Block::kId;
+
+constexpr int mask_bytes(int n) { return (n + 1) / 2; }
+constexpr int64_t stripe_bytes(int n) { return 18 * n + 8 * mask_bytes(n); }
+constexpr int64_t kFullStripeBytes = stripe_bytes(kStripe);  // 352
+
+struct RowShape {
+  int64_t full;  // stripes of 16 units
+  int tail;      // units in the last, shorter stripe (0: none)
+  int64_t stripes() const { return full + (tail > 0); }
+  int64_t bytes() const { return full * kFullStripeBytes + (tail > 0 ? stripe_bytes(tail) : 0); }
+};
+
+inline RowShape row_shape(int64_t in_features) {
+  const int64_t units = in_features / 32;
+  return {units / kStripe, static_cast<int>(units % kStripe)};
+}
+
+// One Q5_0 row (blocks of 22 bytes) into the packed layout at out.
+inline void pack_row(const uint8_t* row, const RowShape& shape, uint8_t* out) {
+  for (int64_t s = 0; s < shape.stripes(); ++s) {
+    const int n = s < shape.full ? kStripe : shape.tail, mb = mask_bytes(n);
+    uint8_t* words = out;
+    uint8_t* masks = out + 16 * n;
+    uint8_t* d = masks + 8 * mb;
+    std::memset(masks, 0, 8 * mb);
+    for (int j = 0; j < n; ++j) {
+      const uint8_t* block = row + (s * kStripe + j) * Q5_0Block::kBytes;
+      const uint32_t qh = load_u32(block + 2);
+      for (int i = 0; i < 4; ++i) {
+        std::memcpy(words + 4 * n * i + 4 * j, block + 6 + 4 * i, 4);
+        for (int h = 0; h < 2; ++h)
+          for (int b = 0; b < 4; ++b)
+            if (qh >> (16 * h + 4 * i + b) & 1u) masks[(2 * i + h) * mb + (4 * j + b) / 8] |= 1u << ((4 * j + b) % 8);
+      }
+      std::memcpy(d + 2 * j, block, 2);
+    }
+    out += stripe_bytes(n);
+  }
+}
+
+// ---- Activations --------------------------------------------------------------------------------
+
+// A row of x's stripe: per lane j (unit j), p bytes 4i .. 4i + 3 in low[i] and 16 + 4i .. in
+// high[i], -16 sum(p) and d_x; zero past the row.
+struct alignas(64) XStripe {
+  uint8_t low[4][64], high[4][64];
+  int32_t base[kStripe];
+  float d[kStripe];
+};
+
+// Row x ([K] floats) into its stripes.
+inline void quantize_row(const float* x, int64_t K, int64_t stripes, XStripe* out) {
+  const int64_t units = K / 32;
+  for (int64_t s = 0; s < stripes; ++s) {
+    XStripe& stripe = out[s];
+    for (int j = 0; j < kStripe; ++j) {
+      const int64_t unit = s * kStripe + j;
+      alignas(32) uint8_t p[32] = {};
+      if (unit < units) {
+        const dot::QuantizedUnit q = dot::quantize_unit(x + unit * 32);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p), q.bytes);
+        stripe.base[j] = -16 * q.sum;
+        stripe.d[j] = q.d;
+      } else {
+        stripe.base[j] = 0;
+        stripe.d[j] = 0.0f;
+      }
+      for (int i = 0; i < 4; ++i) {
+        std::memcpy(stripe.low[i] + 4 * j, p + 4 * i, 4);
+        std::memcpy(stripe.high[i] + 4 * j, p + 16 + 4 * i, 4);
+      }
+    }
+  }
+}
+
+// ---- 16 lanes -----------------------------------------------------------------------------------
+
+struct Wide {
+  using I = __m512i;
+  using F = __m512;
+  // n lanes of 4 bytes from p, the rest zero
+  static KQ_INLINE I words(const uint8_t* p, int n) {
+    return n == kStripe ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1), p);
+  }
+  // 0x10 added to byte 4j + b where that bit of the mask at p (bytes of it) is set.
+  static KQ_INLINE I fifth_bits(I v, const uint8_t* p, int bytes) {
+    __mmask64 k;
+    if (bytes == 8) {
+      asm("kmovq %1, %0" : "=k"(k) : "m"(*reinterpret_cast<const uint64_t*>(p)));  // not through a general register
+    } else {
+      k = _cvtu64_mask64(_mm_cvtsi128_si64(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << bytes) - 1), p)));
+    }
+    return _mm512_mask_add_epi8(v, k, v, _mm512_set1_epi8(0x10));
+  }
+  static KQ_INLINE I low_nibbles(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+  static KQ_INLINE I high_nibbles(I v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
+  // acc + per lane the dot of 4 unsigned bytes of u with 4 signed bytes at p
+  static KQ_INLINE I dot(I acc, I u, const uint8_t* p) {
+    const I v = _mm512_load_si512(p);
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, u, v);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, v), _mm512_set1_epi16(1)));
+#endif
+  }
+  static KQ_INLINE F halves(const uint8_t* p, int n) {
+    const __m256i h = n == kStripe ? _mm256_loadu_si256(as<__m256i>(p))
+                                   : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+    return _mm512_cvtph_ps(h);
+  }
+  static KQ_INLINE I loadi(const int32_t* p) { return _mm512_load_si512(p); }
+  static KQ_INLINE F loadf(const float* p) { return _mm512_load_ps(p); }
+  static KQ_INLINE F zero() { return _mm512_setzero_ps(); }
+  static KQ_INLINE F step(F acc, I dot, F d_w, F d_x) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d_w, d_x), acc);
+  }
+  static KQ_INLINE float sum(F a) { return Avx512Lanes::sum(a); }
+};
+
+// ---- The linear ---------------------------------------------------------------------------------
+
+// acc[o * MR + r] += one stripe (n units, at `offset` in each weight row) of outputs rows[o]
+// against rows x[r]. kFull: n == 16, known at compile time.
+template <int NO, int MR, bool kFull>
+KQ_INLINE void stripe_step(const uint8_t* const* rows, int64_t offset, int n, const XStripe* const* x, Wide::F* acc) {
+  if constexpr (kFull) n = kStripe;
+  const int mb = mask_bytes(n);
+  unroll<NO>([&](auto o) KQ_INLINE_LAMBDA {
+    const uint8_t* stripe = rows[o] + offset;
+    const uint8_t* masks = stripe + 16 * n;
+    Wide::I dots[MR];
+    unroll<MR>([&](auto r) KQ_INLINE_LAMBDA { dots[r] = Wide::loadi(x[r]->base); });
+    unroll<4>([&](auto i) KQ_INLINE_LAMBDA {
+      const Wide::I words = Wide::words(stripe + 4 * n * i, n);
+      const Wide::I low = Wide::fifth_bits(Wide::low_nibbles(words), masks + 2 * i * mb, mb);
+      const Wide::I high = Wide::fifth_bits(Wide::high_nibbles(words), masks + (2 * i + 1) * mb, mb);
+      unroll<MR>([&](auto r) KQ_INLINE_LAMBDA { dots[r] = Wide::dot(Wide::dot(dots[r], low, x[r]->low[i]), high, x[r]->high[i]); });
+    });
+    const Wide::F d_w = Wide::halves(masks + 8 * mb, n);
+    unroll<MR>([&](auto r) KQ_INLINE_LAMBDA { acc[o * MR + r] = Wide::step(acc[o * MR + r], dots[r], d_w, Wide::loadf(x[r]->d)); });
+  });
+}
+
+}  // namespace packed
+}  // namespace kestrel_quant
+#endif  // KESTREL_QUANT_PACKED
