@@ -23,9 +23,9 @@
 // Threads split the output groups (parallel.h); every output is summed by one thread.
 // tests/engine/test_quant_ops.py checks the bits against gguf and across batches.
 //
-// With AVX-512, quant_pack repacks Q5_0 rows for integer dot products and quant_linear takes
-// them as type 1000 + 6 (packed::kPackedQ5_0): x is then quantized to int8 as llama.cpp does,
-// and the sum follows quant_packed.h's order, for few rows and many alike.
+// With AVX-512, quant_pack repacks Q4_0, Q4_1, Q5_0 and Q5_1 rows for integer dot products and
+// quant_linear takes them as type packed::kPackedBase (1000) + the GGML id: x is then quantized
+// to int8 as llama.cpp does, and the sum follows quant_packed.h's order, few rows and many alike.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -384,7 +384,7 @@ void linear_dot(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
 }
 #endif
 
-// ---- Packed Q5_0 (quant_packed.h) ----------------------------------------------------------------
+// ---- Packed 4- and 5-bit blocks (quant_packed.h) ---------------------------------------------------
 
 #if defined(KESTREL_QUANT_PACKED)
 // Outputs per group and rows per tile: NO * MR float accumulators and MR integer ones, next to the
@@ -392,7 +392,7 @@ void linear_dot(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
 constexpr int kPackedOutputs = 4, kPackedRows = 4;
 
 // sums[r * NO + o] for MR rows of x (stripes from row r0) against weight rows rows[o].
-template <int NO, int MR>
+template <typename Q, int NO, int MR>
 void packed_group(const uint8_t* const* rows, const packed::RowShape& shape, const packed::XStripe* x, int64_t r0,
                   float* sums) {
   using namespace packed;
@@ -406,35 +406,35 @@ void packed_group(const uint8_t* const* rows, const packed::RowShape& shape, con
     for (int64_t line = 0; line < bytes; line += 64) prefetch(rows[0], ahead + from + line);
   };
   for (int64_t s = 0; s < shape.full; ++s) {
-    prefetch_step(s * NO * kFullStripeBytes, NO * kFullStripeBytes);
+    prefetch_step(s * NO * shape.full_bytes, NO * shape.full_bytes);
     unroll<MR>([&](auto r) { xs[r] = x + (r0 + r) * stripes + s; });
-    stripe_step<NO, MR, true>(rows, s * kFullStripeBytes, kStripe, xs, acc);
+    stripe_step<Q, NO, MR, true>(rows, s * shape.full_bytes, kStripe, xs, acc);
   }
   if (shape.tail > 0) {
-    prefetch_step(shape.full * NO * kFullStripeBytes, NO * stripe_bytes(shape.tail));
+    prefetch_step(shape.full * NO * shape.full_bytes, NO * shape.tail_bytes);
     unroll<MR>([&](auto r) { xs[r] = x + (r0 + r) * stripes + shape.full; });
-    stripe_step<NO, MR, false>(rows, shape.full * kFullStripeBytes, shape.tail, xs, acc);
+    stripe_step<Q, NO, MR, false>(rows, shape.full * shape.full_bytes, shape.tail, xs, acc);
   }
   unroll<NO>([&](auto o) { unroll<MR>([&](auto r) { sums[r * NO + o] = Wide::sum(acc[o * MR + r]); }); });
 }
 
-template <int NO, int MR = kPackedRows>
+template <typename Q, int NO, int MR = kPackedRows>
 void packed_rows(int64_t rows, const uint8_t* const* weights, const packed::RowShape& shape, const packed::XStripe* x,
                  int64_t r0, float* sums) {
   if constexpr (MR > 1) {
-    if (rows < MR) return packed_rows<NO, MR - 1>(rows, weights, shape, x, r0, sums);
+    if (rows < MR) return packed_rows<Q, NO, MR - 1>(rows, weights, shape, x, r0, sums);
   }
-  packed_group<NO, MR>(weights, shape, x, r0, sums);
+  packed_group<Q, NO, MR>(weights, shape, x, r0, sums);
 }
 
-// out = x @ dequant(w)^T + bias for packed Q5_0 rows w: few rows and many alike, in tiles of
-// rows (as even as can be, none over kPackedRows) per group of outputs, whose weights stay in L1
-// from one tile to the next.
-template <typename R>
+// out = x @ dequant(w)^T + bias for rows w of Q blocks, packed: few rows and many alike, in tiles
+// of rows (as even as can be, none over kPackedRows) per group of outputs, whose weights stay in
+// L1 from one tile to the next.
+template <typename Q, typename R>
 void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, R* out) {
   using packed::XStripe;
   constexpr int NO = kPackedOutputs;
-  const packed::RowShape shape = packed::row_shape(K);
+  const packed::RowShape shape = packed::row_shape<Q>(K);
   const int64_t stripes = shape.stripes(), row_bytes = shape.bytes(), groups = (N + NO - 1) / NO;
   AlignedBuffer<XStripe> xq(M * stripes);
   kestrel::parallel_ranges(M, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
@@ -448,7 +448,7 @@ void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, int64
       group_rows<NO>(w, row_bytes, N, g, rows);
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t m0 = t * M / tiles, m1 = (t + 1) * M / tiles;
-        packed_rows<NO>(m1 - m0, rows, shape, xq.get(), m0, sums);
+        packed_rows<Q, NO>(m1 - m0, rows, shape, xq.get(), m0, sums);
         write_sums<NO>(sums, m1 - m0, g * NO, N, bias, out + m0 * N);
       }
     }
@@ -462,23 +462,39 @@ void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, int64
 struct BlockShape {
   int block, bytes;
   const char* name;
-  bool packed;  // quant_packed.h's layout: bytes per block vary
+  int64_t packed_row_bytes;  // in quant_packed.h's layout (0: blocks as in the file)
   int64_t row_bytes(int64_t in_features) const {
-#if defined(KESTREL_QUANT_PACKED)
-    if (packed) return packed::row_shape(in_features).bytes();
-#endif
-    return in_features / block * bytes;
+    return packed_row_bytes > 0 ? packed_row_bytes : in_features / block * bytes;
   }
 };
 
-BlockShape block_shape(const char* op, int64_t qtype) {
+// Runs fn(Q{}) for a packed type id's block type Q; false where qtype is none.
+template <typename Fn>
+bool with_packed_type(int64_t qtype, Fn&& fn) {
+  bool known = false;
 #if defined(KESTREL_QUANT_PACKED)
-  if (qtype == packed::kPackedQ5_0) return {Q5_0Block::kBlock, Q5_0Block::kBytes, "packed Q5_0", true};
+  if (qtype > packed::kPackedBase) {
+    with_block_type(qtype - packed::kPackedBase, [&](auto q) {
+      if constexpr (packed::kPackable<decltype(q)>) {
+        fn(q);
+        known = true;
+      }
+    });
+  }
 #endif
-  BlockShape shape{0, 0, nullptr, false};
+  return known;
+}
+
+BlockShape block_shape(const char* op, int64_t qtype, int64_t in_features) {
+  BlockShape shape{0, 0, nullptr, 0};
+  const bool is_packed = with_packed_type(qtype, [&](auto q) {
+    using Q = decltype(q);
+    shape = {Q::kBlock, Q::kBytes, Q::kName, packed::row_shape<Q>(in_features).bytes()};
+  });
+  if (is_packed) return shape;
   const bool known = with_block_type(qtype, [&](auto q) {
     using Q = decltype(q);
-    shape = {Q::kBlock, Q::kBytes, Q::kName, false};
+    shape = {Q::kBlock, Q::kBytes, Q::kName, 0};
   });
   TORCH_CHECK(known, op, ": unsupported qtype ", qtype, " (", ggml_type_name(qtype), "); supported: F32, F16, BF16, ",
               "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K");
@@ -487,7 +503,7 @@ BlockShape block_shape(const char* op, int64_t qtype) {
 
 // Checks blocks against qtype and in_features (row bytes included).
 BlockShape check_blocks(const char* op, const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
-  const BlockShape shape = block_shape(op, qtype);
+  const BlockShape shape = block_shape(op, qtype, in_features);
   TORCH_CHECK(blocks.device().is_cpu(), op, ": blocks must be on the CPU");
   TORCH_CHECK(blocks.scalar_type() == at::kByte, op, ": blocks must be uint8, got ", blocks.scalar_type());
   TORCH_CHECK(blocks.dim() == 2, op, ": blocks must be 2-d [out_features, row_bytes], got ", blocks.dim(), "-d");
@@ -495,8 +511,9 @@ BlockShape check_blocks(const char* op, const at::Tensor& blocks, int64_t qtype,
   TORCH_CHECK(in_features > 0 && in_features % shape.block == 0, op, ": in_features ", in_features,
               " is not a positive multiple of ", shape.name, "'s block size ", shape.block);
   const int64_t row_bytes = shape.row_bytes(in_features);
-  TORCH_CHECK(blocks.size(1) == row_bytes, op, ": blocks have ", blocks.size(1), " bytes per row, but ", shape.name,
-              " with in_features ", in_features, " needs ", row_bytes);
+  TORCH_CHECK(blocks.size(1) == row_bytes, op, ": blocks have ", blocks.size(1), " bytes per row, but ",
+              shape.packed_row_bytes > 0 ? "packed " : "", shape.name, " with in_features ", in_features, " needs ",
+              row_bytes);
   return shape;
 }
 
@@ -594,15 +611,11 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t q
                         const c10::optional<at::Tensor>& bias) {
   const LinearCall call = check_linear("quant_linear", x, blocks, qtype, in_features, bias);
 #if defined(KESTREL_QUANT_PACKED)
-  if (qtype == packed::kPackedQ5_0) {
-    if (call.rows == 0 || blocks.size(0) == 0) return call.out;
-    with_output_type(call.out.scalar_type(), [&](auto r) {
-      using R = decltype(r);
-      linear_packed<R>(call.x32.data(), call.rows, call.in_features, blocks.data_ptr<uint8_t>(), blocks.size(0),
-                       call.bias32.defined() ? call.bias32.data_ptr<float>() : nullptr,
-                       reinterpret_cast<R*>(call.out.data_ptr()));
+  if (qtype > packed::kPackedBase) {
+    return run_linear(call, blocks, qtype - packed::kPackedBase, [](auto q, auto r, auto&&... args) {
+      using Q = decltype(q);
+      if constexpr (packed::kPackable<Q>) linear_packed<Q, decltype(r)>(args...);
     });
-    return call.out;
   }
 #endif
   return run_linear(call, blocks, qtype, [](auto q, auto r, auto&&... args) {
@@ -615,15 +628,19 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t q
 at::Tensor quant_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
   constexpr const char* op = "quant_pack";
   check_blocks(op, blocks, qtype, in_features);
-  TORCH_CHECK(qtype == Q5_0Block::kId, op, ": no packed layout for ", ggml_type_name(qtype), "; packable: Q5_0");
-  const packed::RowShape shape = packed::row_shape(in_features);
-  const int64_t N = blocks.size(0), row_bytes = blocks.size(1), packed_bytes = shape.bytes();
-  at::Tensor out = at::empty({N, packed_bytes}, blocks.options());
-  const uint8_t* in = blocks.data_ptr<uint8_t>();
-  uint8_t* o = out.data_ptr<uint8_t>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) packed::pack_row(in + n * row_bytes, shape, o + n * packed_bytes);
+  at::Tensor out;
+  const bool packable = with_packed_type(packed::kPackedBase + qtype, [&](auto q) {
+    using Q = decltype(q);
+    const packed::RowShape shape = packed::row_shape<Q>(in_features);
+    const int64_t N = blocks.size(0), row_bytes = blocks.size(1), packed_bytes = shape.bytes();
+    out = at::empty({N, packed_bytes}, blocks.options());
+    const uint8_t* in = blocks.data_ptr<uint8_t>();
+    uint8_t* o = out.data_ptr<uint8_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) packed::pack_row<Q>(in + n * row_bytes, shape, o + n * packed_bytes);
+    });
   });
+  TORCH_CHECK(packable, op, ": no packed layout for ", ggml_type_name(qtype), "; packable: Q4_0, Q4_1, Q5_0, Q5_1");
   return out;
 }
 #endif
@@ -650,7 +667,8 @@ at::Tensor quant_dot_linear(const at::Tensor& x, const at::Tensor& blocks, int64
 at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features,
                             const c10::optional<at::Tensor>& row_ids, at::ScalarType dtype) {
   constexpr const char* op = "quant_dequantize";
-  TORCH_CHECK(!check_blocks(op, blocks, qtype, in_features).packed, op, ": packed weights are for quant_linear only");
+  TORCH_CHECK(check_blocks(op, blocks, qtype, in_features).packed_row_bytes == 0, op,
+              ": packed weights are for quant_linear only");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, ": dtype must be float32 or bfloat16, got ", dtype);
   const int64_t num_rows = blocks.size(0), K = in_features;
   at::Tensor ids;

@@ -23,7 +23,7 @@ QUANTIZED_TYPES = {
 
 # Block types the kernels repack for integer dot products (quant_packed.h), where the build has
 # them: Qwen2.5's Q5_0 linears ran at ~12 GB/s decoded as floats, bound by the decoding.
-PACKABLE_TYPES = frozenset({QUANTIZED_TYPES["Q5_0"]})
+PACKABLE_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"))
 PACKED_TYPE_BASE = 1000  # a packed layout's type id: this + the GGML type id
 
 

@@ -252,17 +252,19 @@ def pack(ops):
     return ops.quant_pack
 
 
-# units of 32 per row: a stripe of 16 with none left, stripes with 12 (Qwen's 896) and 5 (odd: its
-# masks padded) left, and 3 units alone
+PACKABLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
+# units of 32 per row: a stripe of 16 with none left, stripes with 12 (Qwen's 896) and 5 (odd: the
+# 5-bit types' masks padded) left, and 3 units alone
 PACKED_IN_FEATURES = [512, 896, 672, 96]
 
 
 @pytest.mark.parametrize("in_features", PACKED_IN_FEATURES)
-def test_packed_linear_is_within_the_int8_rounding_bound(ops, pack, in_features):
+@pytest.mark.parametrize("qtype", PACKABLE, ids=lambda t: t.name)
+def test_packed_linear_is_within_the_int8_rounding_bound(ops, pack, qtype, in_features):
     out_features = 45  # groups of outputs with a remainder
-    blocks = random_blocks(T.Q5_0, out_features, in_features, seed=5)
-    weight = reference(blocks, T.Q5_0)
-    packed = pack(torch.from_numpy(blocks), int(T.Q5_0), in_features)
+    blocks = random_blocks(qtype, out_features, in_features, seed=5)
+    weight = reference(blocks, qtype)
+    packed = pack(torch.from_numpy(blocks), int(qtype), in_features)
     generator = torch.Generator().manual_seed(0)
     for rows in (1, 2, 3, 5, 16, 64):
         x = torch.randn(rows, in_features, generator=generator)
@@ -270,17 +272,19 @@ def test_packed_linear_is_within_the_int8_rounding_bound(ops, pack, in_features)
         x[-1, 40] = 30.0  # an outlier coarsens its unit only
         for dtype in (torch.float32, torch.bfloat16):
             for bias in (None, torch.randn(out_features, generator=generator)):
-                got = ops.quant_linear(x.to(dtype), packed, PACKED_BASE + int(T.Q5_0), in_features, bias)
+                got = ops.quant_linear(x.to(dtype), packed, PACKED_BASE + int(qtype), in_features, bias)
                 assert got.dtype == dtype and got.shape == (rows, out_features)
                 check_dot_linear(got, x.to(dtype).float(), weight, bias)
 
 
 @pytest.mark.parametrize("in_features", PACKED_IN_FEATURES)
-def test_packed_linear_rows_are_the_same_whatever_the_batch(ops, pack, in_features):
+@pytest.mark.parametrize("block_type", PACKABLE, ids=lambda t: t.name)
+def test_packed_linear_rows_are_the_same_whatever_the_batch(ops, pack, block_type, in_features):
     """Rows alone, in tiles of 1-4 and in batches of any size give the same bits, on one thread or all."""
     out_features = 37
-    packed = pack(torch.from_numpy(random_blocks(T.Q5_0, out_features, in_features, seed=6)), int(T.Q5_0), in_features)
-    qtype = PACKED_BASE + int(T.Q5_0)
+    blocks = torch.from_numpy(random_blocks(block_type, out_features, in_features, seed=6))
+    packed = pack(blocks, int(block_type), in_features)
+    qtype = PACKED_BASE + int(block_type)
     x = torch.randn(70, in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
     batch = ops.quant_linear(x, packed, qtype, in_features, None)
     for row in range(70):
@@ -296,13 +300,18 @@ def test_packed_linear_rows_are_the_same_whatever_the_batch(ops, pack, in_featur
 
 
 def test_packed_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack):
+    for block_type in PACKABLE:
+        blocks = torch.from_numpy(random_blocks(block_type, 4, 672))  # 21 units: 5 in the last stripe
+        padding = 4 if block_type in (T.Q5_0, T.Q5_1) else 0  # the masks of 5 units: 3 bytes each, not 2.5
+        assert pack(blocks, int(block_type), 672).shape == (4, blocks.shape[1] + padding)
     blocks = torch.from_numpy(random_blocks(T.Q5_0, 4, 896))  # 28 units: 22 bytes each
     assert pack(blocks, int(T.Q5_0), 896).shape == blocks.shape
-    assert pack(blocks[:, : 21 * 22].contiguous(), int(T.Q5_0), 672).shape == (4, 21 * 22 + 4)  # 5 left: masks padded
     qtype = PACKED_BASE + int(T.Q5_0)
     cases = [
-        (lambda: pack(torch.from_numpy(random_blocks(T.Q4_0, 4, 64)), int(T.Q4_0), 64),
-         "no packed layout for Q4_0; packable: Q5_0"),
+        (lambda: pack(torch.from_numpy(random_blocks(T.Q8_0, 4, 64)), int(T.Q8_0), 64),
+         "no packed layout for Q8_0; packable: Q4_0, Q4_1, Q5_0, Q5_1"),
+        (lambda: ops.quant_linear(torch.randn(1, 64), torch.zeros(4, 68, dtype=torch.uint8), PACKED_BASE + int(T.Q8_0), 64,
+                                  None), "unsupported qtype 1008"),
         (lambda: ops.quant_linear(torch.randn(1, 896), blocks[:, :600].contiguous(), qtype, 896, None),
          "blocks have 600 bytes per row, but packed Q5_0 with in_features 896 needs 616"),
         (lambda: ops.quant_dequantize(pack(blocks, int(T.Q5_0), 896), qtype, 896, None, torch.float32),
