@@ -82,11 +82,11 @@ RowShape row_shape(int64_t in_features) {
   return {units / kStripe, tail, Packing<Q>::stripe_bytes(kStripe), tail > 0 ? Packing<Q>::stripe_bytes(tail) : 0};
 }
 
-// A stripe of n units: where its parts start.
-template <typename Q>
+// A stripe of n units: where its parts start (Byte: const uint8_t to read, uint8_t to write).
+template <typename Q, typename Byte = const uint8_t>
 struct StripeParts {
-  const uint8_t *words, *masks, *d, *m;
-  KQ_INLINE StripeParts(const uint8_t* stripe, int n) {
+  Byte *words, *masks, *d, *m;
+  KQ_INLINE StripeParts(Byte* stripe, int n) {
     words = stripe;
     masks = words + 16 * n;
     d = masks + (Packing<Q>::kFifthBits ? 8 * mask_bytes(n) : 0);
@@ -100,22 +100,20 @@ void pack_row(const uint8_t* row, const RowShape& shape, uint8_t* out) {
   using P = Packing<Q>;
   for (int64_t s = 0; s < shape.stripes(); ++s) {
     const int n = s < shape.full ? kStripe : shape.tail, mb = mask_bytes(n);
-    const StripeParts<Q> parts(out, n);
-    uint8_t* words = out;
-    uint8_t* masks = const_cast<uint8_t*>(parts.masks);
-    if constexpr (P::kFifthBits) std::memset(masks, 0, 8 * mb);
+    const StripeParts<Q, uint8_t> parts(out, n);
+    if constexpr (P::kFifthBits) std::memset(parts.masks, 0, 8 * mb);
     for (int j = 0; j < n; ++j) {
       const uint8_t* block = row + (s * kStripe + j) * Q::kBytes;
-      for (int i = 0; i < 4; ++i) std::memcpy(words + 4 * n * i + 4 * j, block + P::kQs + 4 * i, 4);
+      for (int i = 0; i < 4; ++i) std::memcpy(parts.words + 4 * n * i + 4 * j, block + P::kQs + 4 * i, 4);
       if constexpr (P::kFifthBits) {
         const uint32_t qh = load_u32(block + Q::kQh);
         for (int i = 0; i < 4; ++i)
           for (int h = 0; h < 2; ++h)
             for (int b = 0; b < 4; ++b)
-              if (qh >> (16 * h + 4 * i + b) & 1u) masks[(2 * i + h) * mb + (4 * j + b) / 8] |= 1u << ((4 * j + b) % 8);
+              if (qh >> (16 * h + 4 * i + b) & 1u) parts.masks[(2 * i + h) * mb + (4 * j + b) / 8] |= 1u << ((4 * j + b) % 8);
       }
-      std::memcpy(const_cast<uint8_t*>(parts.d) + 2 * j, block, 2);
-      if constexpr (P::kMin) std::memcpy(const_cast<uint8_t*>(parts.m) + 2 * j, block + 2, 2);
+      std::memcpy(parts.d + 2 * j, block, 2);
+      if constexpr (P::kMin) std::memcpy(parts.m + 2 * j, block + 2, 2);
     }
     out += s < shape.full ? shape.full_bytes : shape.tail_bytes;
   }

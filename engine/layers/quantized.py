@@ -21,9 +21,12 @@ QUANTIZED_TYPES = {
 }  # fmt: skip
 
 
-# Block types the kernels repack for integer dot products (quant_packed.h), where the build has
-# them: Qwen2.5's Q5_0 linears ran at ~12 GB/s decoded as floats, bound by the decoding.
-PACKABLE_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"))
+# Block types whose linears run repacked for int8 dot products (quant_packed.h) where the build
+# has them: the 5-bit ones, whose decoding to floats bound the one-row linears (Qwen2.5's Q5_0
+# step share 15.3 -> 12.7 ms; greedy agreement with bf16 82.5 -> 82.3%). The 4-bit ones can be
+# packed too, but stay floats: SmolLM2's Q4_1 step was no faster packed at one row, and its
+# agreement fell from 60.1 to 40.6% (benchmarks/quality.py).
+PACKABLE_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q5_0", "Q5_1"))
 PACKED_TYPE_BASE = 1000  # a packed layout's type id: this + the GGML type id
 
 

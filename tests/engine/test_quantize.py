@@ -8,14 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import kernels
 from engine.config import ConfigError
-from engine.layers import quantized
-from engine.layers.quantized import QUANTIZED_TYPES
 from engine.loader import load_model
 from engine.quantize import QUANTIZATIONS, quantize_q4_1, quantize_q8_0
 from tests.conftest import write_tiny_checkpoint
-from tests.engine.model_driver import prefill_logits
 from tests.engine.parity import check_parity
 
 
@@ -51,11 +47,7 @@ def decoded_checkpoint(path, quantization: str, tied: bool):
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["int8", "q4"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_quantized_tiny_model_matches_transformers_on_the_decoded_weights(
-    tmp_path, monkeypatch, quantization, tied, quantized_kernels
-):
-    """Run by the float kernels (no repacking for int8 dot products: the next test)."""
-    monkeypatch.setattr(quantized, "PACKABLE_TYPES", frozenset())
+def test_quantized_tiny_model_matches_transformers_on_the_decoded_weights(tmp_path, quantization, tied, quantized_kernels):
     path = write_tiny_checkpoint(tmp_path / "m", "llama", tie_word_embeddings=tied, hidden_size=64, intermediate_size=128)
     ours = load_model(path, dtype=torch.float32, quantization=quantization)
     down = ours.model.layers[0].mlp.down_proj
@@ -67,24 +59,6 @@ def test_quantized_tiny_model_matches_transformers_on_the_decoded_weights(
         assert ours.model.embed_tokens.weight_blocks is head
     reference = write_tiny_checkpoint(tmp_path / "ref", "llama", tie_word_embeddings=tied, hidden_size=64, intermediate_size=128)
     check_parity(decoded_checkpoint(reference, quantization, tied), ours=ours)
-
-
-@pytest.mark.slow
-def test_q4_layers_run_packed_where_the_build_can(tmp_path, monkeypatch, quantized_kernels):
-    """q4's Q4_1 layer linears are repacked for int8 dot products (AVX-512 builds), the same
-    bytes, and the logits stay within int8 rounding of the float kernels'."""
-    if not hasattr(kernels.ops(), "quant_pack"):
-        pytest.skip("this build has no packed linears (they need AVX-512)")
-    path = write_tiny_checkpoint(tmp_path / "m", "llama", hidden_size=64, intermediate_size=128)
-    packed = load_model(path, dtype=torch.float32, quantization="q4")
-    down = packed.model.layers[0].mlp.down_proj.quant_parts[0]
-    assert down.qtype == quantized.PACKED_TYPE_BASE + QUANTIZED_TYPES["Q4_1"] and down.num_bytes == 64 * 128 // 32 * 20
-    monkeypatch.setattr(quantized, "PACKABLE_TYPES", frozenset())
-    plain = load_model(path, dtype=torch.float32, quantization="q4")
-    prompts = [list(range(3, 40)), [5, 6, 7]]
-    for got, want in zip(prefill_logits(packed, prompts), prefill_logits(plain, prompts), strict=True):
-        assert not torch.equal(got, want)  # the activations were rounded to int8
-        torch.testing.assert_close(got, want, atol=0.02 * float(want.abs().max()), rtol=0.0)
 
 
 @pytest.mark.slow
