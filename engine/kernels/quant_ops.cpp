@@ -479,11 +479,11 @@ struct BlockShape {
   }
 };
 
+#if defined(KESTREL_QUANT_PACKED)
 // Runs fn(Q{}) for a packed type id's block type Q; false where qtype is none.
 template <typename Fn>
 bool with_packed_type(int64_t qtype, Fn&& fn) {
   bool known = false;
-#if defined(KESTREL_QUANT_PACKED)
   if (qtype > packed::kPackedBase) {
     with_block_type(qtype - packed::kPackedBase, [&](auto q) {
       if constexpr (packed::kPackable<decltype(q)>) {
@@ -492,17 +492,19 @@ bool with_packed_type(int64_t qtype, Fn&& fn) {
       }
     });
   }
-#endif
   return known;
 }
+#endif
 
 BlockShape block_shape(const char* op, int64_t qtype, int64_t in_features) {
   BlockShape shape{0, 0, nullptr, 0};
+#if defined(KESTREL_QUANT_PACKED)
   const bool is_packed = with_packed_type(qtype, [&](auto q) {
     using Q = decltype(q);
     shape = {Q::kBlock, Q::kBytes, Q::kName, packed::row_shape<Q>(in_features).bytes()};
   });
   if (is_packed) return shape;
+#endif
   const bool known = with_block_type(qtype, [&](auto q) {
     using Q = decltype(q);
     shape = {Q::kBlock, Q::kBytes, Q::kName, 0};
