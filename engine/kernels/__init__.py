@@ -49,7 +49,8 @@ _state: dict[str, object] = {}
 class KernelOps(Protocol):
     """torch.ops.kestrel: the ops the sources register (quant_* in quant_ops.cpp, the rest in
     cpu_ops.cpp, which cpu_ops.h maps to their files). fma_linear and decoder_layers exist only
-    in builds for CPUs with AVX2 + FMA, amx_linear only with AMX (check with hasattr)."""
+    in builds for CPUs with AVX2 + FMA, quant_pack only with AVX-512, amx_linear only with AMX
+    (check with hasattr)."""
 
     def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
@@ -66,6 +67,7 @@ class KernelOps(Protocol):
     def quant_linear(
         self, x: torch.Tensor, blocks: torch.Tensor, qtype: int, in_features: int, bias: torch.Tensor | None
     ) -> torch.Tensor: ...
+    def quant_pack(self, blocks: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor: ...
     def quant_dequantize(
         self, blocks: torch.Tensor, qtype: int, in_features: int, row_ids: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor: ...
