@@ -506,7 +506,7 @@ def ratio_table(ours: dict[str, Any], peer: dict[str, Any], table: list[dict[str
             rounds = [r for r in entry["round_ratios"] if r is not None]
             text += (
                 f"\n{entry['label']}: output tok/s ratio by round "
-                + " ".join(f"{r:.2f}" for r in entry["round_ratios"] if r is not None)
+                + " ".join(f"{r:.2f}" for r in rounds)
                 + f" (median {sorted(rounds)[(len(rounds) - 1) // 2]:.2f}; the table shows each"
                 " server's median round)"
             )

@@ -400,7 +400,7 @@ void packed_group(const uint8_t* const* rows, const packed::RowShape& shape, con
                   float* sums) {
   using namespace packed;
   Wide::F acc[NO * MR];  // [o * MR + r]
-  unroll<NO * MR>([&](auto i) { acc[i] = Wide::zero(); });
+  unroll<NO * MR>([&](auto i) { acc[i] = Avx512Lanes::zero(); });
   const int64_t stripes = shape.stripes(), group_bytes = NO * shape.bytes();
   const int64_t ahead = (kPrefetchBytes + group_bytes - 1) / group_bytes * group_bytes;
   const XStripe* xs[MR];
@@ -418,7 +418,7 @@ void packed_group(const uint8_t* const* rows, const packed::RowShape& shape, con
     unroll<MR>([&](auto r) { xs[r] = x + (r0 + r) * stripes + shape.full; });
     stripe_step<Q, NO, MR, false>(rows, shape.full * shape.full_bytes, shape.tail, xs, acc);
   }
-  unroll<NO>([&](auto o) { unroll<MR>([&](auto r) { sums[r * NO + o] = Wide::sum(acc[o * MR + r]); }); });
+  unroll<NO>([&](auto o) { unroll<MR>([&](auto r) { sums[r * NO + o] = Avx512Lanes::sum(acc[o * MR + r]); }); });
 }
 
 template <typename Q, int NO, int MR>

@@ -157,9 +157,10 @@ inline void quantize_row(const float* x, int64_t K, int64_t stripes, XStripe* ou
 
 // ---- 16 lanes -----------------------------------------------------------------------------------
 
+// The integer side of the 16 lanes; floats are Avx512Lanes'.
 struct Wide {
   using I = __m512i;
-  using F = __m512;
+  using F = Avx512Lanes::F;
   // n lanes of 4 bytes from p, the rest zero
   static KQ_INLINE I words(const uint8_t* p, int n) {
     return n == kStripe ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1), p);
@@ -194,13 +195,10 @@ struct Wide {
   static KQ_INLINE I zero_i() { return _mm512_setzero_si512(); }
   template <int kShift>
   static KQ_INLINE I shl(I a) { return _mm512_slli_epi32(a, kShift); }
-  static KQ_INLINE F loadf(const float* p) { return _mm512_load_ps(p); }
-  static KQ_INLINE F zero() { return _mm512_setzero_ps(); }
+  // acc + float(dot) * (d_w * d_x)
   static KQ_INLINE F step(F acc, I dot, F d_w, F d_x) {
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d_w, d_x), acc);
+    return Avx512Lanes::fma(Avx512Lanes::cvt(dot), Avx512Lanes::mul(d_w, d_x), acc);
   }
-  static KQ_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static KQ_INLINE float sum(F a) { return Avx512Lanes::sum(a); }
 };
 
 // ---- The linear ---------------------------------------------------------------------------------
@@ -231,10 +229,10 @@ KQ_INLINE void stripe_step(const uint8_t* const* rows, int64_t offset, int n, co
       unroll<MR>([&](auto r) KQ_INLINE_LAMBDA { dots[r] = Wide::dot(Wide::dot(dots[r], low, x[r]->low[i]), high, x[r]->high[i]); });
     });
     const Wide::F d_w = Wide::halves(parts.d, n);
-    unroll<MR>([&](auto r) KQ_INLINE_LAMBDA { acc[o * MR + r] = Wide::step(acc[o * MR + r], dots[r], d_w, Wide::loadf(x[r]->d)); });
+    unroll<MR>([&](auto r) KQ_INLINE_LAMBDA { acc[o * MR + r] = Wide::step(acc[o * MR + r], dots[r], d_w, Avx512Lanes::loadf(x[r]->d)); });
     if constexpr (P::kMin) {
       const Wide::F m_w = Wide::halves(parts.m, n);
-      unroll<MR>([&](auto r) KQ_INLINE_LAMBDA { acc[o * MR + r] = Wide::fma(m_w, Wide::loadf(x[r]->d_sum), acc[o * MR + r]); });
+      unroll<MR>([&](auto r) KQ_INLINE_LAMBDA { acc[o * MR + r] = Avx512Lanes::fma(m_w, Avx512Lanes::loadf(x[r]->d_sum), acc[o * MR + r]); });
     }
   });
 }
