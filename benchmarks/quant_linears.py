@@ -17,6 +17,9 @@ reads and the GB/s that gives at 1 row; a candidate whose samples use up --budge
 one row count stops early (its cell shows n=). Activations are created in each candidate's
 input dtype outside the timing, as a bf16 model would already hold them.
 
+The "floor" row does no product: it reads the same Q4_1 bytes with torch.sum, call for call, so a
+linear's distance to it is what is left above the DRAM on this host.
+
 A check on one shape (gate_up, 16 rows) gives each candidate's relative error against float32,
 and against the weights it actually holds (after its rounding or quantization): the first is
 the accuracy cost, the second exposes a broken call (~1 instead of ~1e-3..1e-2).
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import kernels  # noqa: E402
-from engine.layers.quantized import QuantizedWeight  # noqa: E402
+from engine.layers.quantized import PACKED_TYPE_BASE, QuantizedWeight  # noqa: E402
 from engine.quantize import quantize_weight  # noqa: E402
 
 Tensor = torch.Tensor
@@ -141,6 +144,7 @@ class Candidate:
     effective: Callable[[Tensor], Tensor]  # the float32 weight it really multiplies by
     unavailable: Callable[[], str | None] = lambda: None  # why it cannot run on this host
     misfit: Callable[[int, int], str | None] = lambda out, in_: None  # why it cannot take [out, in]
+    floor: bool = False  # a reference that only reads the weights: no product, no error check
 
 
 def nbytes(*tensors: Tensor) -> int:
@@ -287,6 +291,26 @@ def gguf_effective(qtype: str) -> Callable[[Tensor], Tensor]:
     return effective
 
 
+def gguf_packed_prepare(qtype: str) -> Callable[[Tensor], Prepared]:
+    """The blocks repacked for the integer-dot linear (quant_packed.h), as GGUF models hold
+    their 5-bit types on AVX-512 hosts (Q4_1 here: what quantize_weight makes of the 4-bit types
+    shares the kernel with Q5_0 but for the fifth bits)."""
+
+    def prepare(w: Tensor) -> Prepared:
+        weight = quantize_weight(w, qtype)
+        blocks = kernels.ops().quant_pack(weight.blocks, weight.qtype, weight.in_features)
+        return QuantizedWeight(blocks, PACKED_TYPE_BASE + weight.qtype, weight.in_features), weight.num_bytes
+
+    return prepare
+
+
+def read_floor_run(x: Tensor, weight: QuantizedWeight) -> Tensor:
+    """Reads every byte of the blocks once (torch.sum over them as float32 words), in the same
+    order of calls: the DRAM time a linear of those bytes cannot go below on this host."""
+    weight.blocks.view(torch.float32).sum()
+    return x.new_zeros(x.shape[0], weight.out_features)
+
+
 def gguf_run(op: str) -> Callable[[Tensor, Any], Tensor]:
     def run(x: Tensor, weight: QuantizedWeight) -> Tensor:
         return getattr(kernels.ops(), op)(x, weight.blocks, weight.qtype, weight.in_features, None)
@@ -341,6 +365,14 @@ def candidates() -> list[Candidate]:
             f"kestrel quant_dot_linear {qtype} bf16", bf16, gguf_prepare(qtype), gguf_run("quant_dot_linear"),
             effective=gguf_effective(qtype), unavailable=kestrel_op("quant_dot_linear"),
         ))
+    table.append(Candidate(
+        "kestrel quant_linear Q4_1 packed, int8 x", bf16, gguf_packed_prepare("Q4_1"), gguf_run("quant_linear"),
+        effective=gguf_effective("Q4_1"), unavailable=kestrel_op("quant_pack"),
+    ))
+    table.append(Candidate(
+        "floor: read the Q4_1 blocks (torch.sum)", bf16, gguf_prepare("Q4_1"), read_floor_run,
+        effective=gguf_effective("Q4_1"), floor=True,
+    ))
     for dtype, name in ((bf16, "bf16"), (fp32, "fp32")):
         table.append(Candidate(
             f"_weight_int8pack_mm {name}", dtype, int8pack_prepare(dtype), int8pack_run,
@@ -458,7 +490,7 @@ def select(table: list[Candidate], model: ModelShapes) -> tuple[list[Candidate],
     shapes = [(out, in_) for _, out, in_ in model.layer_linears] + [model.lm_head]
     for candidate in table:
         reason = candidate.unavailable() or next(filter(None, (candidate.misfit(*s) for s in shapes)), None)
-        if reason is None:
+        if reason is None and not candidate.floor:
             try:
                 errors[candidate.name] = check(candidate, *model.layer_linears[2][1:])
             except Exception as exc:  # a call that raises is a result: report it, measure the rest
@@ -523,7 +555,7 @@ def print_timings(
 def print_errors(model: ModelShapes, chosen: list[Candidate], errors: Errors) -> None:
     print(f"\nRelative error (Frobenius norm) on a random gate_up {list(model.layer_linears[2][1:])}, 16 rows:\n")
     print("| candidate | vs float32 | vs the weights it holds |\n|---|---|---|")
-    for candidate in chosen:
+    for candidate in (c for c in chosen if not c.floor):
         vs_fp32, vs_own = errors[candidate.name]
         print(f"| {candidate.name} | {vs_fp32:.2e} | {vs_own:.2e} |")
 
