@@ -49,7 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import kernels  # noqa: E402
-from engine.layers.quantized import PACKED_TYPE_BASE, QuantizedWeight  # noqa: E402
+from engine.layers.quantized import QuantizedWeight, pack  # noqa: E402
 from engine.quantize import quantize_weight  # noqa: E402
 
 Tensor = torch.Tensor
@@ -298,8 +298,7 @@ def gguf_packed_prepare(qtype: str) -> Callable[[Tensor], Prepared]:
 
     def prepare(w: Tensor) -> Prepared:
         weight = quantize_weight(w, qtype)
-        blocks = kernels.ops().quant_pack(weight.blocks, weight.qtype, weight.in_features)
-        return QuantizedWeight(blocks, PACKED_TYPE_BASE + weight.qtype, weight.in_features), weight.num_bytes
+        return pack(weight), weight.num_bytes
 
     return prepare
 

@@ -50,10 +50,15 @@ class QuantizedWeight:
 def packed_for_linears(weight: QuantizedWeight) -> QuantizedWeight:
     """`weight` repacked for the integer-dot linear where the kernels have one for its type
     (same bytes, another order: it can then only be a linear's weight), else `weight`."""
-    ops = kernels.ops()
-    if weight.qtype not in PACKABLE_TYPES or not hasattr(ops, "quant_pack"):
+    if weight.qtype not in PACKABLE_TYPES or not hasattr(kernels.ops(), "quant_pack"):
         return weight
-    blocks = ops.quant_pack(weight.blocks, weight.qtype, weight.in_features)
+    return pack(weight)
+
+
+def pack(weight: QuantizedWeight) -> QuantizedWeight:
+    """`weight` in the integer-dot linear's layout, whatever PACKABLE_TYPES says (quant_pack
+    refuses a type it has no layout for)."""
+    blocks = kernels.ops().quant_pack(weight.blocks, weight.qtype, weight.in_features)
     return QuantizedWeight(blocks, PACKED_TYPE_BASE + weight.qtype, weight.in_features)
 
 
