@@ -63,18 +63,23 @@ struct PagedContext {
 #else
     uint64_t sink = 0;
 #endif
+    // A block's rows at a time (one division per block): as one run of bytes, or row by row.
+    const int64_t run_bytes = whole_rows ? 0 : static_cast<int64_t>(width * sizeof(T));
     for (int64_t p = position; p < end;) {
-      const int64_t rows = whole_rows ? std::min(block_size - p % block_size, end - p) : 1;  // within one block
-      const char* start = reinterpret_cast<const char*>(cache + table[p / block_size] * block_size * row_stride) +
-                          (p % block_size) * row_bytes;
-      const int64_t bytes = whole_rows ? rows * row_bytes : width * sizeof(T);
+      const int64_t block = p / block_size, first = p - block * block_size;
+      const int64_t rows = std::min(block_size - first, end - p);
+      const char* start =
+          reinterpret_cast<const char*>(cache + table[block] * block_size * row_stride) + first * row_bytes;
       p += rows;
-      for (int64_t off = 0; off < bytes; off += 64) {
+      const int64_t runs = whole_rows ? 1 : rows, bytes = whole_rows ? rows * row_bytes : run_bytes;
+      for (int64_t r = 0; r < runs; ++r, start += row_bytes) {
+        for (int64_t off = 0; off < bytes; off += 64) {
 #ifdef KESTREL_AVX512_BF16
-        sink = _mm512_or_si512(sink, _mm512_loadu_si512(start + off));
+          sink = _mm512_or_si512(sink, _mm512_loadu_si512(start + off));
 #else
-        sink |= *reinterpret_cast<const uint64_t*>(start + off);
+          sink |= *reinterpret_cast<const uint64_t*>(start + off);
 #endif
+        }
       }
     }
     static thread_local volatile int keep;  // the loads must not be optimised away
@@ -241,12 +246,19 @@ inline void softmax_rows(float* scores, int64_t rows, int64_t len, int64_t strid
     float* row = scores + r * stride;
     float mx = -INFINITY, sum = 0.f;
     int64_t start = 0;
-#ifdef KESTREL_AVX2_ONLY
-    // gcc leaves vexp's loop scalar: it took a third of the attention time.
+#ifdef __AVX2__
+    // gcc leaves the max loop scalar, a chain of vmaxss (a quarter of a one-sequence decode's
+    // attention on Sapphire Rapids); the max is the same in any order.
     __m256 mx8 = _mm256_set1_ps(-INFINITY);
     for (int64_t p = 0; p + 8 <= len; p += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(row + p));
     for (int i = 0; i < 8; ++i) mx = std::max(mx, mx8[i]);
     for (int64_t p = len / 8 * 8; p < len; ++p) mx = std::max(mx, row[p]);
+#else
+    #pragma omp simd reduction(max : mx)
+    for (int64_t p = 0; p < len; ++p) mx = std::max(mx, row[p]);
+#endif
+#ifdef KESTREL_AVX2_ONLY
+    // gcc leaves vexp's loop scalar: it took a third of the attention time.
     __m256 sum8 = _mm256_setzero_ps();
     for (; start + 8 <= len; start += 8) {
       const __m256 e = vexp8(_mm256_sub_ps(_mm256_loadu_ps(row + start), _mm256_set1_ps(mx)));
@@ -254,9 +266,6 @@ inline void softmax_rows(float* scores, int64_t rows, int64_t len, int64_t strid
       sum8 = _mm256_add_ps(sum8, e);
     }
     sum = sum_lanes8(sum8);
-#else
-    #pragma omp simd reduction(max : mx)
-    for (int64_t p = 0; p < len; ++p) mx = std::max(mx, row[p]);
 #endif
     #pragma omp simd reduction(+ : sum)
     for (int64_t p = start; p < len; ++p) {
