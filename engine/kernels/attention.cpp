@@ -64,14 +64,14 @@ struct PagedContext {
     uint64_t sink = 0;
 #endif
     // A block's rows at a time (one division per block): as one run of bytes, or row by row.
-    const int64_t run_bytes = whole_rows ? 0 : static_cast<int64_t>(width * sizeof(T));
     for (int64_t p = position; p < end;) {
       const int64_t block = p / block_size, first = p - block * block_size;
       const int64_t rows = std::min(block_size - first, end - p);
       const char* start =
           reinterpret_cast<const char*>(cache + table[block] * block_size * row_stride) + first * row_bytes;
       p += rows;
-      const int64_t runs = whole_rows ? 1 : rows, bytes = whole_rows ? rows * row_bytes : run_bytes;
+      const int64_t runs = whole_rows ? 1 : rows;
+      const int64_t bytes = whole_rows ? rows * row_bytes : static_cast<int64_t>(width * sizeof(T));
       for (int64_t r = 0; r < runs; ++r, start += row_bytes) {
         for (int64_t off = 0; off < bytes; off += 64) {
 #ifdef KESTREL_AVX512_BF16
