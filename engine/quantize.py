@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from engine.layers.linear import Linear
-from engine.layers.quantized import QUANTIZED_TYPES, QuantizedEmbedding, QuantizedWeight
+from engine.layers.quantized import QUANTIZED_TYPES, QuantizedEmbedding, QuantizedWeight, packed_for_linears
 
 BLOCK = 32
 # --quantization -> the block type of the decoder layers' linears.
@@ -75,4 +75,4 @@ def quantize_model(model: nn.Module, quantization: str) -> None:
             if module is head and model.config.tie_word_embeddings:
                 model.model.embed_tokens = QuantizedEmbedding(weight, module.weight.dtype)
             module.weight = None
-            module.quant_parts = [weight]
+            module.quant_parts = [packed_for_linears(weight)]  # the head's Q8_0 stays as it is

@@ -23,9 +23,12 @@
 // Threads split the output groups (parallel.h); every output is summed by one thread.
 // tests/engine/test_quant_ops.py checks the bits against gguf and across batches.
 //
-// With AVX-512, quant_pack repacks Q4_0, Q4_1, Q5_0 and Q5_1 rows for integer dot products and
-// quant_linear takes them as type packed::kPackedBase (1000) + the GGML id: x is then quantized
-// to int8 as llama.cpp does, and the sum follows quant_packed.h's order, few rows and many alike.
+// With AVX-512, quant_pack repacks rows for integer dot products, into one of two layouts that
+// quant_linear then takes as type the layout's base + the GGML id:
+//   packed::kPackedBase (1000): Q4_0, Q4_1, Q5_0 and Q5_1; x is quantized to int8 as llama.cpp
+//     does, and the sum follows quant_packed.h's order, few rows and many alike.
+//   interleaved::kInterleavedBase (2000): Q4_0 and Q4_1, 16 outputs at a time; x is quantized to
+//     16 bits, and the sum follows quant_interleaved.h's order.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -41,6 +44,7 @@
 #include "parallel.h"
 #include "quant_blocks.h"
 #include "quant_dot.h"
+#include "quant_interleaved.h"
 #include "quant_packed.h"
 
 namespace {
@@ -468,12 +472,82 @@ void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, int64
 }
 #endif
 
+// ---- Interleaved 4-bit blocks (quant_interleaved.h) -------------------------------------------------
+
+#if defined(KESTREL_QUANT_INTERLEAVED)
+// Output groups (of 16) per tile and rows per tile: 2 * NB * MR integer and NB * MR float
+// accumulators next to 2 * NB vectors of nibbles (NB 2, MR 4: 28 of 32 registers). One or two
+// rows take 4 groups: more streams of weights in flight.
+constexpr int kInterleavedFewRows = 2, kInterleavedFewGroups = 4;
+constexpr int kInterleavedRows = 4, kInterleavedGroups = 2;
+// Rows per pass over the weights: their x (80 bytes a unit: 128 rows of 1536 columns, 480 KB)
+// stays in L2 while every output group meets it.
+constexpr int64_t kInterleavedPassRows = 128;
+
+template <typename Q, int NB, int MR>
+void interleaved_rows(int64_t rows, const uint8_t* const* groups, int64_t units, const interleaved::XUnit* x,
+                      int64_t r0, float* sums) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return interleaved_rows<Q, NB, MR - 1>(rows, groups, units, x, r0, sums);
+  }
+  __m512 acc[NB * MR];
+  unroll<NB * MR>([&](auto i) { acc[i] = _mm512_setzero_ps(); });
+  const interleaved::XUnit* xs[MR];
+  unroll<MR>([&](auto r) { xs[r] = x + (r0 + r) * units; });
+  interleaved::tile<Q, NB, MR>(groups, units, xs, acc);
+  unroll<NB>([&](auto b) { unroll<MR>([&](auto r) { _mm512_storeu_ps(sums + r * NB * 16 + b * 16, acc[b * MR + r]); }); });
+}
+
+// out = x @ dequant(w)^T + bias for M rows of x (quantized, xq): tiles of NB output groups (the
+// last repeating its last group, computed and dropped) split among the threads, each meeting
+// every tile of rows (as even as can be, none over MR) of a pass.
+template <typename Q, int NB, int MR, typename R>
+void interleaved_tiles(const interleaved::XUnit* xq, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+                       const float* bias, R* out) {
+  constexpr int64_t NO = NB * interleaved::kOutputs;
+  const int64_t units = K / 32, group_bytes = units * interleaved::Unit<Q>::kBytes;
+  const int64_t groups = N / interleaved::kOutputs, tiles = (groups + NB - 1) / NB;
+  for (int64_t p0 = 0; p0 < M; p0 += kInterleavedPassRows) {
+    const int64_t pass = std::min(kInterleavedPassRows, M - p0), row_tiles = (pass + MR - 1) / MR;
+    kestrel::parallel_ranges(tiles, grain(NO, K, pass), [&](int64_t begin, int64_t end) {
+      float sums[MR * NO];
+      for (int64_t t = begin; t < end; ++t) {
+        const uint8_t* tile_groups[NB];
+        for (int b = 0; b < NB; ++b) tile_groups[b] = w + std::min(t * NB + b, groups - 1) * group_bytes;
+        for (int64_t i = 0; i < row_tiles; ++i) {
+          const int64_t m0 = p0 + i * pass / row_tiles, m1 = p0 + (i + 1) * pass / row_tiles;
+          interleaved_rows<Q, NB, MR>(m1 - m0, tile_groups, units, xq, m0, sums);
+          write_sums<NO>(sums, m1 - m0, t * NO, N, bias, out + m0 * N);
+        }
+      }
+    });
+  }
+}
+
+// The same for x as floats: its rows quantized to 16 bits first.
+template <typename Q, typename R>
+void linear_interleaved(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias,
+                        R* out) {
+  const int64_t units = K / 32;
+  AlignedBuffer<interleaved::XUnit> xq(M * units);
+  kestrel::parallel_ranges(M, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) interleaved::quantize_row(x + r * K, K, xq.get() + r * units);
+  });
+  if (M <= kInterleavedFewRows) {
+    interleaved_tiles<Q, kInterleavedFewGroups, kInterleavedFewRows>(xq.get(), M, K, w, N, bias, out);
+  } else {
+    interleaved_tiles<Q, kInterleavedGroups, kInterleavedRows>(xq.get(), M, K, w, N, bias, out);
+  }
+}
+#endif
+
 // ---- Checks ---------------------------------------------------------------------------------
 
 struct BlockShape {
   int block, bytes;
   const char* name;
-  int64_t packed_row_bytes;  // in quant_packed.h's layout (0: blocks as in the file)
+  int64_t packed_row_bytes;  // in quant_packed.h's or quant_interleaved.h's layout (0: as in the file)
+  int64_t output_multiple;   // out_features must be a multiple of it
   int64_t row_bytes(int64_t in_features) const {
     return packed_row_bytes > 0 ? packed_row_bytes : in_features / block * bytes;
   }
@@ -496,22 +570,51 @@ bool with_packed_type(int64_t qtype, Fn&& fn) {
 }
 #endif
 
+#if defined(KESTREL_QUANT_INTERLEAVED)
+// Runs fn(Q{}) for an interleaved type id's block type Q; false where qtype is none.
+template <typename Fn>
+bool with_interleaved_type(int64_t qtype, Fn&& fn) {
+  bool known = false;
+  if (qtype > interleaved::kInterleavedBase) {
+    with_block_type(qtype - interleaved::kInterleavedBase, [&](auto q) {
+      if constexpr (interleaved::kInterleavable<decltype(q)>) {
+        fn(q);
+        known = true;
+      }
+    });
+  }
+  return known;
+}
+#endif
+
 BlockShape block_shape(const char* op, int64_t qtype, int64_t in_features) {
-  BlockShape shape{0, 0, nullptr, 0};
+  BlockShape shape{0, 0, nullptr, 0, 1};
+#if defined(KESTREL_QUANT_INTERLEAVED)
+  const bool is_interleaved = with_interleaved_type(qtype, [&](auto q) {
+    using Q = decltype(q);
+    shape = {Q::kBlock, Q::kBytes, Q::kName, in_features / Q::kBlock * Q::kBytes, interleaved::kOutputs};
+  });
+  if (is_interleaved) return shape;
+#endif
 #if defined(KESTREL_QUANT_PACKED)
   const bool is_packed = with_packed_type(qtype, [&](auto q) {
     using Q = decltype(q);
-    shape = {Q::kBlock, Q::kBytes, Q::kName, packed::row_shape<Q>(in_features).bytes()};
+    shape = {Q::kBlock, Q::kBytes, Q::kName, packed::row_shape<Q>(in_features).bytes(), 1};
   });
   if (is_packed) return shape;
 #endif
   const bool known = with_block_type(qtype, [&](auto q) {
     using Q = decltype(q);
-    shape = {Q::kBlock, Q::kBytes, Q::kName, 0};
+    shape = {Q::kBlock, Q::kBytes, Q::kName, 0, 1};
   });
   TORCH_CHECK(known, op, ": unsupported qtype ", qtype, " (", ggml_type_name(qtype), "); supported: F32, F16, BF16, ",
               "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K");
   return shape;
+}
+
+void check_output_multiple(const char* op, const at::Tensor& blocks, const BlockShape& shape) {
+  TORCH_CHECK(blocks.size(0) % shape.output_multiple == 0, op, ": interleaved ", shape.name,
+              " weights need out_features a multiple of ", shape.output_multiple, ", got ", blocks.size(0));
 }
 
 // Checks blocks against qtype and in_features (row bytes included).
@@ -523,6 +626,7 @@ BlockShape check_blocks(const char* op, const at::Tensor& blocks, int64_t qtype,
   TORCH_CHECK(blocks.is_contiguous(), op, ": blocks must be contiguous");
   TORCH_CHECK(in_features > 0 && in_features % shape.block == 0, op, ": in_features ", in_features,
               " is not a positive multiple of ", shape.name, "'s block size ", shape.block);
+  check_output_multiple(op, blocks, shape);
   const int64_t row_bytes = shape.row_bytes(in_features);
   TORCH_CHECK(blocks.size(1) == row_bytes, op, ": blocks have ", blocks.size(1), " bytes per row, but ",
               shape.packed_row_bytes > 0 ? "packed " : "", shape.name, " with in_features ", in_features, " needs ",
@@ -623,6 +727,14 @@ at::Tensor run_linear(const LinearCall& call, const at::Tensor& blocks, int64_t 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, int64_t in_features,
                         const c10::optional<at::Tensor>& bias) {
   const LinearCall call = check_linear("quant_linear", x, blocks, qtype, in_features, bias);
+#if defined(KESTREL_QUANT_INTERLEAVED)
+  if (qtype > interleaved::kInterleavedBase) {
+    return run_linear(call, blocks, qtype - interleaved::kInterleavedBase, [](auto q, auto r, auto&&... args) {
+      using Q = decltype(q);
+      if constexpr (interleaved::kInterleavable<Q>) linear_interleaved<Q, decltype(r)>(args...);
+    });
+  }
+#endif
 #if defined(KESTREL_QUANT_PACKED)
   if (qtype > packed::kPackedBase) {
     return run_linear(call, blocks, qtype - packed::kPackedBase, [](auto q, auto r, auto&&... args) {
@@ -636,24 +748,42 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t q
   });
 }
 
-#if defined(KESTREL_QUANT_PACKED)
-// blocks in the layout of quant_packed.h, for quant_linear with type id kPackedBase + qtype.
+#if defined(KESTREL_QUANT_PACKED)  // implies KESTREL_QUANT_INTERLEAVED (both need AVX-512 BW, VL)
+// blocks (of GGML type qtype - the layout's base) in the layout of quant_packed.h (qtype
+// kPackedBase + the GGML id) or quant_interleaved.h (kInterleavedBase + it), for quant_linear.
 at::Tensor quant_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
   constexpr const char* op = "quant_pack";
-  check_blocks(op, blocks, qtype, in_features);
-  at::Tensor out;
-  const bool packable = with_packed_type(packed::kPackedBase + qtype, [&](auto q) {
-    using Q = decltype(q);
-    const packed::RowShape shape = packed::row_shape<Q>(in_features);
-    const int64_t N = blocks.size(0), row_bytes = blocks.size(1), packed_bytes = shape.bytes();
-    out = at::empty({N, packed_bytes}, blocks.options());
-    const uint8_t* in = blocks.data_ptr<uint8_t>();
-    uint8_t* o = out.data_ptr<uint8_t>();
-    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) packed::pack_row<Q>(in + n * row_bytes, shape, o + n * packed_bytes);
+  const bool interleave = qtype > interleaved::kInterleavedBase;
+  const int64_t base = interleave ? interleaved::kInterleavedBase : packed::kPackedBase;
+  const auto any = [](auto) {};
+  const bool known = interleave ? with_interleaved_type(qtype, any) : with_packed_type(qtype, any);
+  TORCH_CHECK(known, op, ": no packed layout ", qtype, " (", qtype > base ? ggml_type_name(qtype - base) : "unknown",
+              " in ", interleave ? "quant_interleaved.h" : "quant_packed.h", "); the layouts: ", packed::kPackedBase,
+              " + the id of Q4_0, Q4_1, Q5_0 or Q5_1, ", interleaved::kInterleavedBase, " + that of Q4_0 or Q4_1");
+  check_blocks(op, blocks, qtype - base, in_features);
+  const BlockShape shape = block_shape(op, qtype, in_features);
+  check_output_multiple(op, blocks, shape);
+  const int64_t N = blocks.size(0), row_bytes = blocks.size(1);
+  at::Tensor out = at::empty({N, shape.packed_row_bytes}, blocks.options());
+  const uint8_t* in = blocks.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  if (!with_interleaved_type(qtype, [&](auto q) {
+        using Q = decltype(q);
+        at::parallel_for(0, N / interleaved::kOutputs, 4, [&](int64_t begin, int64_t end) {
+          for (int64_t g = begin; g < end; ++g) {
+            const int64_t n = g * interleaved::kOutputs;
+            interleaved::pack_group<Q>(in + n * row_bytes, row_bytes, in_features / 32, o + n * row_bytes);
+          }
+        });
+      })) {
+    with_packed_type(qtype, [&](auto q) {
+      using Q = decltype(q);
+      const packed::RowShape rows = packed::row_shape<Q>(in_features);
+      at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) packed::pack_row<Q>(in + n * row_bytes, rows, o + n * shape.packed_row_bytes);
+      });
     });
-  });
-  TORCH_CHECK(packable, op, ": no packed layout for ", ggml_type_name(qtype), "; packable: Q4_0, Q4_1, Q5_0, Q5_1");
+  }
   return out;
 }
 #endif

@@ -21,13 +21,19 @@ QUANTIZED_TYPES = {
 }  # fmt: skip
 
 
-# Block types whose linears run repacked for int8 dot products (quant_packed.h) where the build
-# has them: the 5-bit ones, whose decoding to floats bound the one-row linears (Qwen2.5's Q5_0
-# step share 15.3 -> 12.7 ms; greedy agreement with bf16 82.5 -> 82.3%). The 4-bit ones can be
-# packed too, but stay floats: SmolLM2's Q4_1 step was no faster packed at one row, and its
-# agreement fell from 60.1 to 40.6% (benchmarks/quality.py).
+# Layouts the linears can take a weight in where the build has them (quant_pack), by type id:
+# the base + the GGML type id.
+PACKED_TYPE_BASE = 1000  # int8 activations, for integer dot products (quant_packed.h)
+INTERLEAVED_TYPE_BASE = 2000  # 16-bit activations, 16 outputs per group (quant_interleaved.h)
+
+# The 5-bit types run packed: their decoding to floats bound the one-row linears (Qwen2.5's Q5_0
+# step share 15.3 -> 12.7 ms; greedy agreement with bf16 82.5 -> 82.3%). The 4-bit ones run
+# interleaved: 2-4x faster than floats at every row count, at float quality (SmolLM2's
+# perplexity 22.954 -> 22.956), where int8 activations cost SmolLM2 a third of its agreement
+# (60.1 -> 40.6%, benchmarks/quality.py).
 PACKABLE_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q5_0", "Q5_1"))
-PACKED_TYPE_BASE = 1000  # a packed layout's type id: this + the GGML type id
+INTERLEAVED_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q4_0", "Q4_1"))
+INTERLEAVED_OUTPUTS = 16  # an interleaved weight's out_features must be a multiple of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +41,7 @@ class QuantizedWeight:
     """Rows of a weight in GGUF blocks: `blocks` uint8 [out_features, row_bytes]."""
 
     blocks: torch.Tensor
-    qtype: int  # the GGML type id of the blocks, or PACKED_TYPE_BASE + it once packed
+    qtype: int  # the GGML type id of the blocks, or a layout's base + it once packed
     in_features: int
 
     @property
@@ -48,18 +54,22 @@ class QuantizedWeight:
 
 
 def packed_for_linears(weight: QuantizedWeight) -> QuantizedWeight:
-    """`weight` repacked for the integer-dot linear where the kernels have one for its type
-    (same bytes, another order: it can then only be a linear's weight), else `weight`."""
-    if weight.qtype not in PACKABLE_TYPES or not hasattr(kernels.ops(), "quant_pack"):
+    """`weight` in the layout its linears run fastest in where the kernels have one for its type
+    and shape (same bytes, another order: it can then only be a linear's weight), else `weight`."""
+    if not hasattr(kernels.ops(), "quant_pack"):
         return weight
-    return pack(weight)
+    if weight.qtype in INTERLEAVED_TYPES and weight.out_features % INTERLEAVED_OUTPUTS == 0:
+        return pack(weight, INTERLEAVED_TYPE_BASE)
+    if weight.qtype in PACKABLE_TYPES:
+        return pack(weight, PACKED_TYPE_BASE)
+    return weight
 
 
-def pack(weight: QuantizedWeight) -> QuantizedWeight:
-    """`weight` in the integer-dot linear's layout, whatever PACKABLE_TYPES says (quant_pack
-    refuses a type it has no layout for)."""
-    blocks = kernels.ops().quant_pack(weight.blocks, weight.qtype, weight.in_features)
-    return QuantizedWeight(blocks, PACKED_TYPE_BASE + weight.qtype, weight.in_features)
+def pack(weight: QuantizedWeight, layout_base: int) -> QuantizedWeight:
+    """`weight` in the layout `layout_base` (PACKED_TYPE_BASE or INTERLEAVED_TYPE_BASE), whatever
+    the type sets above say (quant_pack refuses a type or shape it has no layout for)."""
+    qtype = layout_base + weight.qtype
+    return QuantizedWeight(kernels.ops().quant_pack(weight.blocks, qtype, weight.in_features), qtype, weight.in_features)
 
 
 def quantized_linear(x: torch.Tensor, parts: list[QuantizedWeight], bias: torch.Tensor | None) -> torch.Tensor:

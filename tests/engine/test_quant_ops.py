@@ -183,13 +183,16 @@ def dot_linear(ops):
     return ops.quant_dot_linear
 
 
-def check_dot_linear(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """got == x @ weight.T + bias but for rounding x to int8 per 32 columns (each element off by at
-    most half a step, max|x| / 254 of its unit), plus float32 rounding of the scaled sums."""
+def check_dot_linear(
+    got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x_levels: int = 127
+) -> None:
+    """got == x @ weight.T + bias but for rounding x per 32 columns to integers of at most
+    x_levels (int8: 127; 16 bits: 32512), each element off by at most half a step, max|x| /
+    (2 x_levels) of its unit, plus float32 rounding of the scaled sums."""
     x64, w64 = x.double(), weight.double()
     want = x64 @ w64.T + (0 if bias is None else bias.double())
     rows, in_features = x.shape
-    half_step = x64.abs().view(rows, -1, 32).amax(-1) / 254  # [rows, units]
+    half_step = x64.abs().view(rows, -1, 32).amax(-1) / (2 * x_levels)  # [rows, units]
     units = w64.abs().view(w64.shape[0], -1, 32).sum(-1)  # [out, units]: sum of |w| per unit
     bound = half_step @ units.T * 1.001 + 2.0**-20 * (x64.abs() @ w64.abs().T) + 1e-30
     if got.dtype == torch.bfloat16:
@@ -243,6 +246,7 @@ def test_dot_linear_refuses_types_it_has_no_kernel_for(dot_linear):
 # ---- the packed integer-dot linear (quant_packed.h) ---------------------------------------------
 
 PACKED_BASE = 1000  # engine.layers.quantized.PACKED_TYPE_BASE
+INTERLEAVED_BASE = 2000  # engine.layers.quantized.INTERLEAVED_TYPE_BASE
 
 
 @pytest.fixture
@@ -264,7 +268,7 @@ def test_packed_linear_is_within_the_int8_rounding_bound(ops, pack, qtype, in_fe
     out_features = 45  # groups of outputs with a remainder
     blocks = random_blocks(qtype, out_features, in_features, seed=5)
     weight = reference(blocks, qtype)
-    packed = pack(torch.from_numpy(blocks), int(qtype), in_features)
+    packed = pack(torch.from_numpy(blocks), PACKED_BASE + int(qtype), in_features)
     generator = torch.Generator().manual_seed(0)
     for rows in (1, 2, 3, 5, 16, 64):
         x = torch.randn(rows, in_features, generator=generator)
@@ -283,8 +287,8 @@ def test_packed_linear_rows_are_the_same_whatever_the_batch(ops, pack, block_typ
     """Rows alone, in tiles of 1-4 and in batches of any size give the same bits, on one thread or all."""
     out_features = 37
     blocks = torch.from_numpy(random_blocks(block_type, out_features, in_features, seed=6))
-    packed = pack(blocks, int(block_type), in_features)
     qtype = PACKED_BASE + int(block_type)
+    packed = pack(blocks, qtype, in_features)
     x = torch.randn(70, in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
     batch = ops.quant_linear(x, packed, qtype, in_features, None)
     for row in range(70):
@@ -303,19 +307,88 @@ def test_packed_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack)
     for block_type in PACKABLE:
         blocks = torch.from_numpy(random_blocks(block_type, 4, 672))  # 21 units: 5 in the last stripe
         padding = 4 if block_type in (T.Q5_0, T.Q5_1) else 0  # the masks of 5 units: 3 bytes each, not 2.5
-        assert pack(blocks, int(block_type), 672).shape == (4, blocks.shape[1] + padding)
+        assert pack(blocks, PACKED_BASE + int(block_type), 672).shape == (4, blocks.shape[1] + padding)
     blocks = torch.from_numpy(random_blocks(T.Q5_0, 4, 896))  # 28 units: 22 bytes each
-    assert pack(blocks, int(T.Q5_0), 896).shape == blocks.shape
     qtype = PACKED_BASE + int(T.Q5_0)
+    assert pack(blocks, qtype, 896).shape == blocks.shape
     cases = [
-        (lambda: pack(torch.from_numpy(random_blocks(T.Q8_0, 4, 64)), int(T.Q8_0), 64),
-         "no packed layout for Q8_0; packable: Q4_0, Q4_1, Q5_0, Q5_1"),
+        (lambda: pack(torch.from_numpy(random_blocks(T.Q8_0, 4, 64)), PACKED_BASE + int(T.Q8_0), 64),
+         "no packed layout 1008 (Q8_0 in quant_packed.h); the layouts: 1000 + the id of Q4_0, Q4_1, Q5_0 or Q5_1, "
+         "2000 + that of Q4_0 or Q4_1"),
+        (lambda: pack(blocks, int(T.Q5_0), 896), "no packed layout 6"),
         (lambda: ops.quant_linear(torch.randn(1, 64), torch.zeros(4, 68, dtype=torch.uint8), PACKED_BASE + int(T.Q8_0), 64,
                                   None), "unsupported qtype 1008"),
         (lambda: ops.quant_linear(torch.randn(1, 896), blocks[:, :600].contiguous(), qtype, 896, None),
          "blocks have 600 bytes per row, but packed Q5_0 with in_features 896 needs 616"),
-        (lambda: ops.quant_dequantize(pack(blocks, int(T.Q5_0), 896), qtype, 896, None, torch.float32),
+        (lambda: ops.quant_dequantize(pack(blocks, qtype, 896), qtype, 896, None, torch.float32),
          "packed weights are for quant_linear only"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError) as raised:
+            call()
+        assert message in str(raised.value), (message, str(raised.value).splitlines()[0])
+
+
+# ---- the interleaved linear on 16-bit activations (quant_interleaved.h) --------------------------
+
+INTERLEAVABLE = [T.Q4_0, T.Q4_1]
+# 3 and 5 groups of 16 outputs: tiles of 2 and 4 groups with one left over
+INTERLEAVED_OUT_FEATURES = [48, 80]
+
+
+@pytest.mark.parametrize("out_features", INTERLEAVED_OUT_FEATURES)
+@pytest.mark.parametrize("qtype", INTERLEAVABLE, ids=lambda t: t.name)
+def test_interleaved_linear_is_within_the_16_bit_rounding_bound(ops, pack, qtype, out_features):
+    in_features = 576
+    blocks = random_blocks(qtype, out_features, in_features, seed=7)
+    weight = reference(blocks, qtype)
+    packed = pack(torch.from_numpy(blocks), INTERLEAVED_BASE + int(qtype), in_features)
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 2, 3, 5, 16, 64, 130):
+        x = torch.randn(rows, in_features, generator=generator)
+        x[0, :32] = 0.0  # an all-zero unit has no scale
+        x[-1, 40] = 30.0  # an outlier coarsens its unit only
+        for dtype in (torch.float32, torch.bfloat16):
+            for bias in (None, torch.randn(out_features, generator=generator)):
+                got = ops.quant_linear(x.to(dtype), packed, INTERLEAVED_BASE + int(qtype), in_features, bias)
+                assert got.dtype == dtype and got.shape == (rows, out_features)
+                check_dot_linear(got, x.to(dtype).float(), weight, bias, x_levels=32512)
+
+
+@pytest.mark.parametrize("block_type", INTERLEAVABLE, ids=lambda t: t.name)
+def test_interleaved_linear_rows_are_the_same_whatever_the_batch(ops, pack, block_type):
+    """Rows alone, in tiles of 1-4, in batches of any size and across passes of 128 rows give the
+    same bits, on one thread or all."""
+    in_features, out_features, rows = 96, 80, 140
+    blocks = torch.from_numpy(random_blocks(block_type, out_features, in_features, seed=8))
+    qtype = INTERLEAVED_BASE + int(block_type)
+    packed = pack(blocks, qtype, in_features)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+    batch = ops.quant_linear(x, packed, qtype, in_features, None)
+    for row in range(rows):
+        assert torch.equal(ops.quant_linear(x[row : row + 1], packed, qtype, in_features, None), batch[row : row + 1])
+    for count in (2, 3, 4, 5, 6, 7, 9, 16, 129):
+        assert torch.equal(ops.quant_linear(x[:count], packed, qtype, in_features, None), batch[:count]), count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(ops.quant_linear(x, packed, qtype, in_features, None), batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_interleaved_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack):
+    for block_type in INTERLEAVABLE:
+        blocks = torch.from_numpy(random_blocks(block_type, 32, 96))
+        assert pack(blocks, INTERLEAVED_BASE + int(block_type), 96).shape == blocks.shape
+    q4_0 = torch.from_numpy(random_blocks(T.Q4_0, 40, 64))
+    cases = [
+        (lambda: pack(torch.from_numpy(random_blocks(T.Q5_0, 16, 64)), INTERLEAVED_BASE + int(T.Q5_0), 64),
+         "no packed layout 2006 (Q5_0 in quant_interleaved.h)"),
+        (lambda: pack(q4_0, INTERLEAVED_BASE + int(T.Q4_0), 64),
+         "interleaved Q4_0 weights need out_features a multiple of 16, got 40"),
+        (lambda: ops.quant_linear(torch.randn(1, 64), q4_0, INTERLEAVED_BASE + int(T.Q4_0), 64, None),
+         "interleaved Q4_0 weights need out_features a multiple of 16, got 40"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError) as raised:
