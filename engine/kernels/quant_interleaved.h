@@ -1,29 +1,28 @@
-// The 4-bit blocks without a fifth bit (Q4_0, Q4_1) interleaved 16 outputs at a time, and the
-// linear over them on 16-bit activations, for quant_ops.cpp (CPUs with AVX-512 BW and VL).
+// The 4-bit blocks without a fifth bit (Q4_0, Q4_1, Q4_K) interleaved 16 outputs at a time, and
+// the linear over them on 16-bit activations, for quant_ops.cpp (CPUs with AVX-512 BW and VL).
 //
-// Why. The float kernel is bound by compute at one row (SmolLM2's Q4_1 linears read their
-// weights at ~14 GB/s on a core, while the memory gives 24), and int8 activations, as llama.cpp
-// and quant_packed.h have them, cost SmolLM2 a third of its greedy agreement with bf16 (60.1 ->
-// 40.6%, benchmarks/quality.py). Here x is quantized per 32 elements to 16 bits in two signed
-// bytes, p = 256 hi + lo with |p| <= 32512, d_x = max|x| / 32512 (rounding error ~1/65000 of a
-// unit's largest value; perplexity 22.954 float, 22.956 here), and every product still goes
-// through vpdpbusd: a unit's integer dot is
+// Why. The float kernels are bound by compute at one row (SmolLM2's Q4_1 linears read their
+// weights at 13-16 GB/s on two cores, Qwen2.5's Q4_K ones at 14, while the memory gives 30), and
+// int8 activations, as llama.cpp and quant_packed.h have them, cost SmolLM2 a third of its greedy
+// agreement with bf16 (60.1 -> 40.6%, benchmarks/quality.py). Here x is quantized per 32 elements
+// to 16 bits in two signed bytes, p = 256 hi + lo with |p| <= 32512, d_x = max|x| / 32512
+// (rounding error ~1/65000 of a unit's largest value; perplexity 22.954 float, 22.956 here), and
+// every product still goes through vpdpbusd: a unit's integer dot is
 //     I = 256 sum_k q_k hi_k + sum_k q_k lo_k - offset sum_k p_k
 // exact in int32, and exact as a float too (|I| < 2^24).
 //
 // Layout. Outputs in groups of 16 (out_features must be a multiple of 16); a group holds its
-// units (32 input columns each) one after another, each as the 16 outputs' blocks interleaved:
-//     words[4][16]   uint32: words[i][o] = bytes 4i .. 4i + 3 of output o's qs (two nibbles each)
-//     d[16]          the outputs' half scales
-//     m[16]          (Q4_1) their half minimums
-// the same bytes as the file's 16 blocks. One vector of words yields, per lane o, elements
-// 4i .. 4i + 3 (low nibbles) and 16 + 4i .. 16 + 4i + 3 (high nibbles) of output o, which meet
-// 4 bytes of x broadcast to every lane: the lanes are 16 outputs, and nothing is summed across
-// lanes.
+// units (32 input columns each) one after another, each unit's nibbles as the 16 outputs' 16
+// bytes interleaved by words:
+//     words[4][16]   uint32: words[i][o] = bytes 4i .. 4i + 3 of output o's 16 (two nibbles each)
+// then the scales (Layout below: Q4_0 and Q4_1 hold the file's bytes, Q4_K 4 more per 16 x 256).
+// One vector of words yields, per lane o, elements 4i .. 4i + 3 (low nibbles) and 16 + 4i .. 16 +
+// 4i + 3 (high nibbles) of output o, which meet 4 bytes of x broadcast to every lane: the lanes
+// are 16 outputs, and nothing is summed across lanes.
 //
 // Summation order, the same whatever the batch, the tile and the thread count: per (output, row),
 // one float accumulator, from zero, adding unit after unit by FMA
-//     float(I) * (d * d_x)             where w = d (q - 8) (Q4_0), or where w = d q + m (Q4_1)
+//     float(I) * (d * d_x)             where w = d (q - 8) (Q4_0), or where w = d q + m (Q4_1, Q4_K)
 //     then m * (d_x * float(sum_k p_k))
 // then the bias.
 
@@ -47,38 +46,155 @@ constexpr int kOutputs = 16;               // outputs per group: the lanes of a 
 constexpr int64_t kInterleavedBase = 2000;  // the layout's type id: this + the GGML id
 
 template <typename Q>
-constexpr bool kInterleavable = std::is_same_v<Q, Q4_0Block> || std::is_same_v<Q, Q4_1Block>;
+constexpr bool kInterleavable = std::is_same_v<Q, Q4_0Block> || std::is_same_v<Q, Q4_1Block> ||
+                                std::is_same_v<Q, Q4_KBlock> || std::is_same_v<Q, Q6_KBlock>;
 
+KQ_INLINE __m512 load_halves(const uint8_t* p) {  // 16 halves to floats
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+KQ_INLINE __m512 load_bytes(const uint8_t* p) {  // 16 unsigned bytes to floats
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// A unit's 16 outputs' nibbles as in Q4_0 / Q4_1 blocks (byte k: element k low, 16 + k high),
+// interleaved by 4-byte words: words[i][o] = bytes 4i .. 4i + 3 of output o's 16.
+KQ_INLINE void put_nibbles(const uint8_t* nibbles, int o, uint8_t* words) {
+  for (int i = 0; i < 4; ++i) std::memcpy(words + 4 * (kOutputs * i + o), nibbles + 4 * i, 4);
+}
+
+// Where a group's units are, for block type Q, and what each unit's weights are:
+//   w = d * q + m per output lane (Q4_1, Q4_K), or w = d * (q - 8) (Q4_0, kOffset 8).
+// Q4_0 / Q4_1: a unit is a block, its words then d[16] (and m[16]), the file's bytes.
 template <typename Q>
-struct Unit {
+struct Layout {
   static constexpr bool kMin = std::is_same_v<Q, Q4_1Block>;
-  static constexpr int kQs = Q::kBytes - 16;    // where a block's nibbles start
-  static constexpr int64_t kBytes = kOutputs * Q::kBytes;
+  static constexpr int kOffset = kMin ? 0 : 8;
+  static constexpr int kHalves = 1;
+  static constexpr int kQs = Q::kBytes - 16;  // where a block's nibbles start
+  static constexpr int64_t kUnitBytes = kOutputs * Q::kBytes;
   static constexpr int kD = 256, kM = 256 + 32;  // where the unit's scales and minimums start
-};
-
-// Output group g's 16 rows of blocks (row_bytes apart) into the layout at out.
-template <typename Q>
-void pack_group(const uint8_t* rows, int64_t row_bytes, int64_t units, uint8_t* out) {
-  using U = Unit<Q>;
-  for (int64_t u = 0; u < units; ++u, out += U::kBytes) {
-    for (int o = 0; o < kOutputs; ++o) {
-      const uint8_t* block = rows + o * row_bytes + u * Q::kBytes;
-      for (int i = 0; i < 4; ++i) std::memcpy(out + 4 * (kOutputs * i + o), block + U::kQs + 4 * i, 4);
-      std::memcpy(out + U::kD + 2 * o, block, 2);
-      if constexpr (U::kMin) std::memcpy(out + U::kM + 2 * o, block + 2, 2);
+  static int64_t group_bytes(int64_t in_features) { return in_features / 32 * kUnitBytes; }
+  static const uint8_t* words(const uint8_t* group, int64_t u) { return group + u * kUnitBytes; }
+  static KQ_INLINE void scales(const uint8_t* group, int64_t u, int, __m512& d, __m512& m) {
+    d = load_halves(group + u * kUnitBytes + kD);
+    if constexpr (kMin) m = load_halves(group + u * kUnitBytes + kM);
+  }
+  // Output group g's 16 rows of blocks (row_bytes apart) into the layout at out.
+  static void pack_group(const uint8_t* rows, int64_t row_bytes, int64_t in_features, uint8_t* out) {
+    for (int64_t u = 0; u < in_features / 32; ++u, out += kUnitBytes) {
+      for (int o = 0; o < kOutputs; ++o) {
+        const uint8_t* block = rows + o * row_bytes + u * Q::kBytes;
+        put_nibbles(block + kQs, o, out);
+        std::memcpy(out + kD + 2 * o, block, 2);
+        if constexpr (kMin) std::memcpy(out + kM + 2 * o, block + 2, 2);
+      }
     }
   }
-}
+};
+
+// Q4_K: a super-block (8 units) is the units' words, in Q4_1's nibble order, then d[16],
+// dmin[16], and the 6-bit scales and mins as bytes, sc[8][16] and m[8][16]: 4 bytes more than
+// the file's 16 x 144. Unit j's weights are (d * sc_j) q - dmin * m_j (d * sc_j is exact in float).
+template <>
+struct Layout<Q4_KBlock> {
+  static constexpr bool kMin = true;
+  static constexpr int kOffset = 0;
+  static constexpr int kHalves = 1;
+  static constexpr int64_t kSuperBytes = 8 * 256 + 2 * 32 + 2 * 128;
+  static constexpr int kD = 2048, kDMin = 2080, kSc = 2112, kM = 2240;
+  static int64_t group_bytes(int64_t in_features) { return in_features / 256 * kSuperBytes; }
+  static const uint8_t* words(const uint8_t* group, int64_t u) { return group + u / 8 * kSuperBytes + u % 8 * 256; }
+  static KQ_INLINE void scales(const uint8_t* group, int64_t u, int, __m512& d, __m512& m) {
+    const uint8_t* super = group + u / 8 * kSuperBytes;
+    d = _mm512_mul_ps(load_halves(super + kD), load_bytes(super + kSc + 16 * (u % 8)));
+    m = _mm512_mul_ps(load_halves(super + kDMin), _mm512_sub_ps(_mm512_setzero_ps(), load_bytes(super + kM + 16 * (u % 8))));
+  }
+  static void pack_group(const uint8_t* rows, int64_t row_bytes, int64_t in_features, uint8_t* out) {
+    for (int64_t s = 0; s < in_features / 256; ++s, out += kSuperBytes) {
+      for (int o = 0; o < kOutputs; ++o) {
+        const uint8_t* block = rows + o * row_bytes + s * Q4_KBlock::kBytes;
+        const uint8_t* qs = block + 16;
+        for (int j = 0; j < 8; ++j) {
+          uint8_t nibbles[16];  // unit j: the low (j even) or high nibbles of bytes 32 (j / 2) ..
+          for (int k = 0; k < 16; ++k) {
+            const int lo = (qs[32 * (j / 2) + k] >> (4 * (j % 2))) & 15, hi = (qs[32 * (j / 2) + 16 + k] >> (4 * (j % 2))) & 15;
+            nibbles[k] = static_cast<uint8_t>(lo | hi << 4);
+          }
+          put_nibbles(nibbles, o, out + 256 * j);
+          int sc, mn;
+          k4_scale_min(block + 4, j, sc, mn);
+          out[kSc + 16 * j + o] = static_cast<uint8_t>(sc);
+          out[kM + 16 * j + o] = static_cast<uint8_t>(mn);
+        }
+        std::memcpy(out + kD + 2 * o, block, 2);
+        std::memcpy(out + kDMin + 2 * o, block + 2, 2);
+      }
+    }
+  }
+};
+
+// Q6_K: a super-block (8 units) is, per unit, the words of the 6-bit values' low nibbles (in
+// Q4_1's order) and then high[2][16] words of their top two bits (word w, byte k: bits 0-1, 2-3,
+// 4-5, 6-7 the tops of elements 4w + k, 16 + 4w + k, 8 + 4w + k, 24 + 4w + k), 384 bytes; then
+// d[16] and the signed scales sc[16][16], one per 16 elements: the file's 16 x 210 bytes. Each
+// half unit (elements 0 .. 15, 16 .. 31) has its own scale, so it has its own integer dot:
+// w = (d * sc) (q - 32).
+template <>
+struct Layout<Q6_KBlock> {
+  static constexpr bool kMin = false;
+  static constexpr int kOffset = 32;
+  static constexpr int kHalves = 2;
+  static constexpr int64_t kUnitBytes = 256 + 128, kSuperBytes = 8 * kUnitBytes + 32 + 256;
+  static constexpr int kD = 8 * kUnitBytes, kSc = kD + 32;
+  static int64_t group_bytes(int64_t in_features) { return in_features / 256 * kSuperBytes; }
+  static const uint8_t* words(const uint8_t* group, int64_t u) { return group + u / 8 * kSuperBytes + u % 8 * kUnitBytes; }
+  static KQ_INLINE void scales(const uint8_t* group, int64_t u, int half, __m512& d, __m512&) {
+    const uint8_t* super = group + u / 8 * kSuperBytes;
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(super + kSc + 16 * (2 * (u % 8) + half)));
+    d = _mm512_mul_ps(load_halves(super + kD), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+  }
+  // Element e's 6-bit value in a file block (ggml's order: 128 elements per ql[64] / qh[32] half).
+  static int value(const uint8_t* block, int e) {
+    const uint8_t *ql = block + 64 * (e / 128), *qh = block + 128 + 32 * (e / 128);
+    const int t = e % 128 / 32, l = e % 32;  // quarter and position
+    const int low = (ql[l + 32 * (t % 2)] >> (4 * (t / 2))) & 15;
+    return low | ((qh[l] >> (2 * t)) & 3) << 4;
+  }
+  static void pack_group(const uint8_t* rows, int64_t row_bytes, int64_t in_features, uint8_t* out) {
+    for (int64_t s = 0; s < in_features / 256; ++s, out += kSuperBytes) {
+      for (int o = 0; o < kOutputs; ++o) {
+        const uint8_t* block = rows + o * row_bytes + s * Q6_KBlock::kBytes;
+        for (int j = 0; j < 8; ++j) {
+          int q[32];
+          for (int k = 0; k < 32; ++k) q[k] = value(block, 32 * j + k);
+          uint8_t nibbles[16], tops[8];
+          for (int k = 0; k < 16; ++k) nibbles[k] = static_cast<uint8_t>((q[k] & 15) | (q[16 + k] & 15) << 4);
+          for (int w = 0; w < 2; ++w) {
+            for (int k = 0; k < 4; ++k) {
+              const int e = 4 * w + k;
+              tops[4 * w + k] = static_cast<uint8_t>(q[e] >> 4 | (q[16 + e] >> 4) << 2 | (q[8 + e] >> 4) << 4 | (q[24 + e] >> 4) << 6);
+            }
+          }
+          uint8_t* unit = out + kUnitBytes * j;
+          put_nibbles(nibbles, o, unit);
+          for (int w = 0; w < 2; ++w) std::memcpy(unit + 256 + 4 * (kOutputs * w + o), tops + 4 * w, 4);
+        }
+        std::memcpy(out + kD + 2 * o, block + 208, 2);
+        for (int g = 0; g < 16; ++g) out[kSc + 16 * g + o] = block[192 + g];
+      }
+    }
+  }
+};
 
 // ---- Activations --------------------------------------------------------------------------------
 
 // One unit of a row of x: its 16-bit values' two digits in element order, d_x, d_x * sum(p) and
-// -sum(p).
+// -sum(p) over elements 0 .. 15 and 16 .. 31.
 struct alignas(16) XUnit {
   int8_t hi[32], lo[32];
   float d, d_sum;
-  int32_t minus_sum;
+  int32_t minus_halves[2];
 };
 
 KQ_INLINE __m256i to_bytes(__m512i a, __m512i b) {  // 32 int32 in [-128, 127] to bytes, in order
@@ -101,10 +217,10 @@ inline void quantize_row(const float* x, int64_t K, XUnit* out) {
     XUnit& unit = out[u];
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(unit.hi), to_bytes(h0, h1));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(unit.lo), to_bytes(l0, l1));
-    const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(p0, p1));  // exact
+    unit.minus_halves[0] = -_mm512_reduce_add_epi32(p0);  // exact
+    unit.minus_halves[1] = -_mm512_reduce_add_epi32(p1);
     unit.d = max_abs / 32512.0f;
-    unit.d_sum = unit.d * static_cast<float>(sum);
-    unit.minus_sum = -sum;
+    unit.d_sum = unit.d * -static_cast<float>(unit.minus_halves[0] + unit.minus_halves[1]);
   }
 }
 
@@ -127,48 +243,76 @@ KQ_INLINE __m512i dot4(__m512i acc, __m512i u, __m512i v) {
 
 // acc[b * MR + r] += the sums over `units` units of output groups `groups[b]` against rows x[r]
 // (each a row's first unit), in the order above.
+// Per lane, the values of word i of unit u (elements 4i .. 4i + 3 in `low`, 16 + 4i .. in `high`).
+template <typename Q>
+KQ_INLINE void unit_values(const uint8_t* group, int64_t u, int i, __m512i& low, __m512i& high) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const uint8_t* words = Layout<Q>::words(group, u);
+  const __m512i w = _mm512_loadu_si512(words + 64 * i);
+  low = _mm512_and_si512(w, nibble);
+  high = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+  if constexpr (std::is_same_v<Q, Q6_KBlock>) {  // the top two bits, as bits 4-5 of each byte
+    const __m512i tops = _mm512_loadu_si512(words + 256 + 64 * (i % 2)), two = _mm512_set1_epi8(0x30);
+    if (i < 2) {
+      low = _mm512_or_si512(low, _mm512_and_si512(_mm512_slli_epi16(tops, 4), two));
+      high = _mm512_or_si512(high, _mm512_and_si512(_mm512_slli_epi16(tops, 2), two));
+    } else {
+      low = _mm512_or_si512(low, _mm512_and_si512(tops, two));
+      high = _mm512_or_si512(high, _mm512_and_si512(_mm512_srli_epi16(tops, 2), two));
+    }
+  }
+}
+
+// acc[b * MR + r] += the sums over `units` units of output groups `groups[b]` against rows x[r]
+// (each a row's first unit), in the order above; the halves of a unit (H 2) in order.
 template <typename Q, int NB, int MR>
 void tile(const uint8_t* const* groups, int64_t units, const XUnit* const* x, __m512* acc) {
-  using U = Unit<Q>;
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  using L = Layout<Q>;
+  constexpr int H = L::kHalves;
   for (int64_t u = 0; u < units; ++u) {
-    __m512i hi[NB * MR], lo[NB * MR];  // the digits' dots, [b * MR + r]
+    __m512i hi[H][NB * MR], lo[H][NB * MR];  // the digits' dots, [half][b * MR + r]
     unroll<MR>([&](auto r) KQ_INLINE_LAMBDA {
-      __m512i base = _mm512_setzero_si512();  // -offset * sum(p): the offset of Q4_0 is 8
-      if constexpr (!U::kMin) base = _mm512_slli_epi32(_mm512_set1_epi32(x[r][u].minus_sum), 3);
-      unroll<NB>([&](auto b) KQ_INLINE_LAMBDA {
-        hi[b * MR + r] = _mm512_setzero_si512();
-        lo[b * MR + r] = base;
+      const int32_t* minus = x[r][u].minus_halves;
+      unroll<H>([&](auto h) KQ_INLINE_LAMBDA {
+        __m512i base = _mm512_setzero_si512();  // -offset * sum(p)
+        if constexpr (L::kOffset > 0) {
+          const int32_t minus_sum = H == 2 ? minus[h] : minus[0] + minus[1];
+          base = _mm512_set1_epi32(minus_sum * L::kOffset);
+        }
+        unroll<NB>([&](auto b) KQ_INLINE_LAMBDA {
+          hi[h][b * MR + r] = _mm512_setzero_si512();
+          lo[h][b * MR + r] = base;
+        });
       });
     });
     unroll<4>([&](auto i) KQ_INLINE_LAMBDA {
       __m512i low[NB], high[NB];
-      unroll<NB>([&](auto b) KQ_INLINE_LAMBDA {
-        const __m512i words = _mm512_loadu_si512(groups[b] + u * U::kBytes + 64 * i);
-        low[b] = _mm512_and_si512(words, nibble);
-        high[b] = _mm512_and_si512(_mm512_srli_epi16(words, 4), nibble);
-      });
+      unroll<NB>([&](auto b) KQ_INLINE_LAMBDA { unit_values<Q>(groups[b], u, i, low[b], high[b]); });
       unroll<MR>([&](auto r) KQ_INLINE_LAMBDA {
         const XUnit& xu = x[r][u];
         const __m512i hl = broadcast4(xu.hi + 4 * i), hh = broadcast4(xu.hi + 16 + 4 * i);
         const __m512i ll = broadcast4(xu.lo + 4 * i), lh = broadcast4(xu.lo + 16 + 4 * i);
         unroll<NB>([&](auto b) KQ_INLINE_LAMBDA {
-          hi[b * MR + r] = dot4(dot4(hi[b * MR + r], low[b], hl), high[b], hh);
-          lo[b * MR + r] = dot4(dot4(lo[b * MR + r], low[b], ll), high[b], lh);
+          const int j = b * MR + r;
+          hi[0][j] = dot4(hi[0][j], low[b], hl);
+          lo[0][j] = dot4(lo[0][j], low[b], ll);
+          hi[H - 1][j] = dot4(hi[H - 1][j], high[b], hh);
+          lo[H - 1][j] = dot4(lo[H - 1][j], high[b], lh);
         });
       });
     });
     unroll<NB>([&](auto b) KQ_INLINE_LAMBDA {
-      const uint8_t* unit = groups[b] + u * U::kBytes;
-      const __m512 d_w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit + U::kD)));
-      __m512 m_w;
-      if constexpr (U::kMin) m_w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit + U::kM)));
-      unroll<MR>([&](auto r) KQ_INLINE_LAMBDA {
-        const XUnit& xu = x[r][u];
-        const __m512i dot = _mm512_add_epi32(lo[b * MR + r], _mm512_slli_epi32(hi[b * MR + r], 8));
-        __m512& a = acc[b * MR + r];
-        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d_w, _mm512_set1_ps(xu.d)), a);
-        if constexpr (U::kMin) a = _mm512_fmadd_ps(m_w, _mm512_set1_ps(xu.d_sum), a);
+      unroll<H>([&](auto h) KQ_INLINE_LAMBDA {
+        __m512 d_w, m_w;
+        L::scales(groups[b], u, h, d_w, m_w);
+        unroll<MR>([&](auto r) KQ_INLINE_LAMBDA {
+          const XUnit& xu = x[r][u];
+          const int j = b * MR + r;
+          const __m512i dot = _mm512_add_epi32(lo[h][j], _mm512_slli_epi32(hi[h][j], 8));
+          __m512& a = acc[j];
+          a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d_w, _mm512_set1_ps(xu.d)), a);
+          if constexpr (L::kMin) a = _mm512_fmadd_ps(m_w, _mm512_set1_ps(xu.d_sum), a);
+        });
       });
     });
   }

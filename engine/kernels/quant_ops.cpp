@@ -27,7 +27,7 @@
 // quant_linear then takes as type the layout's base + the GGML id:
 //   packed::kPackedBase (1000): Q4_0, Q4_1, Q5_0 and Q5_1; x is quantized to int8 as llama.cpp
 //     does, and the sum follows quant_packed.h's order, few rows and many alike.
-//   interleaved::kInterleavedBase (2000): Q4_0 and Q4_1, 16 outputs at a time; x is quantized to
+//   interleaved::kInterleavedBase (2000): Q4_0, Q4_1, Q4_K and Q6_K, 16 outputs at a time; x is quantized to
 //     16 bits, and the sum follows quant_interleaved.h's order.
 
 #include <ATen/ATen.h>
@@ -477,7 +477,8 @@ void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, int64
 #if defined(KESTREL_QUANT_INTERLEAVED)
 // Output groups (of 16) per tile and rows per tile: 2 * NB * MR integer and NB * MR float
 // accumulators next to 2 * NB vectors of nibbles (NB 2, MR 4: 28 of 32 registers). One or two
-// rows take 4 groups: more streams of weights in flight.
+// rows take 4 groups: more streams of weights in flight. Q6_K, whose unit halves each have an
+// integer dot, takes NB 2, MR 2 at any row count.
 constexpr int kInterleavedFewRows = 2, kInterleavedFewGroups = 4;
 constexpr int kInterleavedRows = 4, kInterleavedGroups = 2;
 // Rows per pass over the weights: their x (80 bytes a unit: 128 rows of 1536 columns, 480 KB)
@@ -505,7 +506,7 @@ template <typename Q, int NB, int MR, typename R>
 void interleaved_tiles(const interleaved::XUnit* xq, int64_t M, int64_t K, const uint8_t* w, int64_t N,
                        const float* bias, R* out) {
   constexpr int64_t NO = NB * interleaved::kOutputs;
-  const int64_t units = K / 32, group_bytes = units * interleaved::Unit<Q>::kBytes;
+  const int64_t units = K / 32, group_bytes = interleaved::Layout<Q>::group_bytes(K);
   const int64_t groups = N / interleaved::kOutputs, tiles = (groups + NB - 1) / NB;
   for (int64_t p0 = 0; p0 < M; p0 += kInterleavedPassRows) {
     const int64_t pass = std::min(kInterleavedPassRows, M - p0), row_tiles = (pass + MR - 1) / MR;
@@ -533,7 +534,9 @@ void linear_interleaved(const float* x, int64_t M, int64_t K, const uint8_t* w, 
   kestrel::parallel_ranges(M, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) interleaved::quantize_row(x + r * K, K, xq.get() + r * units);
   });
-  if (M <= kInterleavedFewRows) {
+  if constexpr (interleaved::Layout<Q>::kHalves == 2) {  // twice the integer accumulators
+    interleaved_tiles<Q, kInterleavedGroups, kInterleavedFewRows>(xq.get(), M, K, w, N, bias, out);
+  } else if (M <= kInterleavedFewRows) {
     interleaved_tiles<Q, kInterleavedFewGroups, kInterleavedFewRows>(xq.get(), M, K, w, N, bias, out);
   } else {
     interleaved_tiles<Q, kInterleavedGroups, kInterleavedRows>(xq.get(), M, K, w, N, bias, out);
@@ -592,7 +595,8 @@ BlockShape block_shape(const char* op, int64_t qtype, int64_t in_features) {
 #if defined(KESTREL_QUANT_INTERLEAVED)
   const bool is_interleaved = with_interleaved_type(qtype, [&](auto q) {
     using Q = decltype(q);
-    shape = {Q::kBlock, Q::kBytes, Q::kName, in_features / Q::kBlock * Q::kBytes, interleaved::kOutputs};
+    shape = {Q::kBlock, Q::kBytes, Q::kName, interleaved::Layout<Q>::group_bytes(in_features) / interleaved::kOutputs,
+             interleaved::kOutputs};
   });
   if (is_interleaved) return shape;
 #endif
@@ -759,7 +763,7 @@ at::Tensor quant_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_featur
   const bool known = interleave ? with_interleaved_type(qtype, any) : with_packed_type(qtype, any);
   TORCH_CHECK(known, op, ": no packed layout ", qtype, " (", qtype > base ? ggml_type_name(qtype - base) : "unknown",
               " in ", interleave ? "quant_interleaved.h" : "quant_packed.h", "); the layouts: ", packed::kPackedBase,
-              " + the id of Q4_0, Q4_1, Q5_0 or Q5_1, ", interleaved::kInterleavedBase, " + that of Q4_0 or Q4_1");
+              " + the id of Q4_0, Q4_1, Q5_0 or Q5_1, ", interleaved::kInterleavedBase, " + that of Q4_0, Q4_1, Q4_K or Q6_K");
   check_blocks(op, blocks, qtype - base, in_features);
   const BlockShape shape = block_shape(op, qtype, in_features);
   check_output_multiple(op, blocks, shape);
@@ -772,7 +776,7 @@ at::Tensor quant_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_featur
         at::parallel_for(0, N / interleaved::kOutputs, 4, [&](int64_t begin, int64_t end) {
           for (int64_t g = begin; g < end; ++g) {
             const int64_t n = g * interleaved::kOutputs;
-            interleaved::pack_group<Q>(in + n * row_bytes, row_bytes, in_features / 32, o + n * row_bytes);
+            interleaved::Layout<Q>::pack_group(in + n * row_bytes, row_bytes, in_features, o + n * shape.packed_row_bytes);
           }
         });
       })) {

@@ -32,7 +32,7 @@ INTERLEAVED_TYPE_BASE = 2000  # 16-bit activations, 16 outputs per group (quant_
 # perplexity 22.954 -> 22.956), where int8 activations cost SmolLM2 a third of its agreement
 # (60.1 -> 40.6%, benchmarks/quality.py).
 PACKABLE_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q5_0", "Q5_1"))
-INTERLEAVED_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q4_0", "Q4_1"))
+INTERLEAVED_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q4_0", "Q4_1", "Q4_K", "Q6_K"))
 INTERLEAVED_OUTPUTS = 16  # an interleaved weight's out_features must be a multiple of it
 
 

@@ -314,7 +314,7 @@ def test_packed_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack)
     cases = [
         (lambda: pack(torch.from_numpy(random_blocks(T.Q8_0, 4, 64)), PACKED_BASE + int(T.Q8_0), 64),
          "no packed layout 1008 (Q8_0 in quant_packed.h); the layouts: 1000 + the id of Q4_0, Q4_1, Q5_0 or Q5_1, "
-         "2000 + that of Q4_0 or Q4_1"),
+         "2000 + that of Q4_0, Q4_1, Q4_K or Q6_K"),
         (lambda: pack(blocks, int(T.Q5_0), 896), "no packed layout 6"),
         (lambda: ops.quant_linear(torch.randn(1, 64), torch.zeros(4, 68, dtype=torch.uint8), PACKED_BASE + int(T.Q8_0), 64,
                                   None), "unsupported qtype 1008"),
@@ -331,7 +331,7 @@ def test_packed_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack)
 
 # ---- the interleaved linear on 16-bit activations (quant_interleaved.h) --------------------------
 
-INTERLEAVABLE = [T.Q4_0, T.Q4_1]
+INTERLEAVABLE = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K]
 # 3 and 5 groups of 16 outputs: tiles of 2 and 4 groups with one left over
 INTERLEAVED_OUT_FEATURES = [48, 80]
 
@@ -339,7 +339,7 @@ INTERLEAVED_OUT_FEATURES = [48, 80]
 @pytest.mark.parametrize("out_features", INTERLEAVED_OUT_FEATURES)
 @pytest.mark.parametrize("qtype", INTERLEAVABLE, ids=lambda t: t.name)
 def test_interleaved_linear_is_within_the_16_bit_rounding_bound(ops, pack, qtype, out_features):
-    in_features = 576
+    in_features = 768  # 24 units, 3 super-blocks
     blocks = random_blocks(qtype, out_features, in_features, seed=7)
     weight = reference(blocks, qtype)
     packed = pack(torch.from_numpy(blocks), INTERLEAVED_BASE + int(qtype), in_features)
@@ -359,7 +359,7 @@ def test_interleaved_linear_is_within_the_16_bit_rounding_bound(ops, pack, qtype
 def test_interleaved_linear_rows_are_the_same_whatever_the_batch(ops, pack, block_type):
     """Rows alone, in tiles of 1-4, in batches of any size and across passes of 128 rows give the
     same bits, on one thread or all."""
-    in_features, out_features, rows = 96, 80, 140
+    in_features, out_features, rows = 256, 80, 140
     blocks = torch.from_numpy(random_blocks(block_type, out_features, in_features, seed=8))
     qtype = INTERLEAVED_BASE + int(block_type)
     packed = pack(blocks, qtype, in_features)
@@ -379,8 +379,9 @@ def test_interleaved_linear_rows_are_the_same_whatever_the_batch(ops, pack, bloc
 
 def test_interleaved_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack):
     for block_type in INTERLEAVABLE:
-        blocks = torch.from_numpy(random_blocks(block_type, 32, 96))
-        assert pack(blocks, INTERLEAVED_BASE + int(block_type), 96).shape == blocks.shape
+        blocks = torch.from_numpy(random_blocks(block_type, 32, 512))
+        extra = 2 * 4 if block_type == T.Q4_K else 0  # the 6-bit scales and mins as bytes: 4 more a super-block
+        assert pack(blocks, INTERLEAVED_BASE + int(block_type), 512).shape == (32, blocks.shape[1] + extra)
     q4_0 = torch.from_numpy(random_blocks(T.Q4_0, 40, 64))
     cases = [
         (lambda: pack(torch.from_numpy(random_blocks(T.Q5_0, 16, 64)), INTERLEAVED_BASE + int(T.Q5_0), 64),
