@@ -211,9 +211,10 @@ def load_gguf_model(
     for module_name, shards in parts.items():
         if module_name == "model.embed_tokens":
             (_, weight), = shards
+            if config.tie_word_embeddings:  # one copy of the blocks, in a layout both read
+                weight = packed_for_linears(weight, lookups=True)
+                _attach(model.lm_head, [weight], pack=False)
             model.model.embed_tokens = QuantizedEmbedding(weight, dtype)
-            if config.tie_word_embeddings:
-                _attach(model.lm_head, [weight], pack=False)  # the embedding reads these blocks
             continue
         _attach(modules[module_name], [weight for _, weight in sorted(shards, key=lambda s: s[0])])
     load_weights(model, iter(dense.items()))

@@ -71,8 +71,10 @@ def quantize_model(model: nn.Module, quantization: str) -> None:
     head = model.lm_head
     for module in model.modules():
         if isinstance(module, Linear) and module.weight is not None and module.in_features % BLOCK == 0:
+            tied = module is head and model.config.tie_word_embeddings
             weight = quantize_weight(module.weight, "Q8_0" if module is head else layer_type)
-            if module is head and model.config.tie_word_embeddings:
+            weight = packed_for_linears(weight, lookups=tied)
+            if tied:  # one copy of the blocks serves both
                 model.model.embed_tokens = QuantizedEmbedding(weight, module.weight.dtype)
             module.weight = None
-            module.quant_parts = [packed_for_linears(weight)]  # the head's Q8_0 stays as it is
+            module.quant_parts = [weight]

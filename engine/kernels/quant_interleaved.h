@@ -1,21 +1,24 @@
-// The 4-bit blocks without a fifth bit (Q4_0, Q4_1, Q4_K) interleaved 16 outputs at a time, and
-// the linear over them on 16-bit activations, for quant_ops.cpp (CPUs with AVX-512 BW and VL).
+// Blocks of 4-bit values without a fifth bit (Q4_0, Q4_1, Q4_K), of 6-bit (Q6_K) and 8-bit ones
+// (Q8_0) interleaved 16 outputs at a time, and the linear over them on 16-bit activations, for
+// quant_ops.cpp (CPUs with AVX-512 BW and VL).
 //
 // Why. The float kernels are bound by compute at one row (SmolLM2's Q4_1 linears read their
-// weights at 13-16 GB/s on two cores, Qwen2.5's Q4_K ones at 14, while the memory gives 30), and
+// weights at 11-16 GB/s on two cores, Qwen2.5's Q4_K and Q6_K ones at 13-16, where the memory
+// gives 30), and
 // int8 activations, as llama.cpp and quant_packed.h have them, cost SmolLM2 a third of its greedy
 // agreement with bf16 (60.1 -> 40.6%, benchmarks/quality.py). Here x is quantized per 32 elements
 // to 16 bits in two signed bytes, p = 256 hi + lo with |p| <= 32512, d_x = max|x| / 32512
 // (rounding error ~1/65000 of a unit's largest value; perplexity 22.954 float, 22.956 here), and
 // every product still goes through vpdpbusd: a unit's integer dot is
 //     I = 256 sum_k q_k hi_k + sum_k q_k lo_k - offset sum_k p_k
-// exact in int32, and exact as a float too (|I| < 2^24).
+// exact in int32, and exact as a float too (|I| < 2^24; Q6_K has one per half unit: 16 * 32 * 32512)
+// but for Q8_0's (up to 127 * 32 * 32512, rounded once to the nearest float).
 //
 // Layout. Outputs in groups of 16 (out_features must be a multiple of 16); a group holds its
 // units (32 input columns each) one after another, each unit's nibbles as the 16 outputs' 16
 // bytes interleaved by words:
 //     words[4][16]   uint32: words[i][o] = bytes 4i .. 4i + 3 of output o's 16 (two nibbles each)
-// then the scales (Layout below: Q4_0 and Q4_1 hold the file's bytes, Q4_K 4 more per 16 x 256).
+// then the scales (Layout below: the file's bytes, but for Q4_K's 4 more a row per 256 columns).
 // One vector of words yields, per lane o, elements 4i .. 4i + 3 (low nibbles) and 16 + 4i .. 16 +
 // 4i + 3 (high nibbles) of output o, which meet 4 bytes of x broadcast to every lane: the lanes
 // are 16 outputs, and nothing is summed across lanes.
@@ -47,7 +50,8 @@ constexpr int64_t kInterleavedBase = 2000;  // the layout's type id: this + the 
 
 template <typename Q>
 constexpr bool kInterleavable = std::is_same_v<Q, Q4_0Block> || std::is_same_v<Q, Q4_1Block> ||
-                                std::is_same_v<Q, Q4_KBlock> || std::is_same_v<Q, Q6_KBlock>;
+                                std::is_same_v<Q, Q8_0Block> || std::is_same_v<Q, Q4_KBlock> ||
+                                std::is_same_v<Q, Q6_KBlock>;
 
 KQ_INLINE __m512 load_halves(const uint8_t* p) {  // 16 halves to floats
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -57,23 +61,30 @@ KQ_INLINE __m512 load_bytes(const uint8_t* p) {  // 16 unsigned bytes to floats
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-// A unit's 16 outputs' nibbles as in Q4_0 / Q4_1 blocks (byte k: element k low, 16 + k high),
-// interleaved by 4-byte words: words[i][o] = bytes 4i .. 4i + 3 of output o's 16.
-KQ_INLINE void put_nibbles(const uint8_t* nibbles, int o, uint8_t* words) {
-  for (int i = 0; i < 4; ++i) std::memcpy(words + 4 * (kOutputs * i + o), nibbles + 4 * i, 4);
+// A unit's 16 outputs' bytes interleaved by 4-byte words: words[i][o] = bytes 4i .. 4i + 3 of
+// output o's (nibbles as in Q4_0 / Q4_1 blocks, byte k: element k low, 16 + k high; or Q8_0's
+// 32 values), and back.
+KQ_INLINE void put_words(const uint8_t* bytes, int count, int o, uint8_t* words) {
+  for (int i = 0; i < count / 4; ++i) std::memcpy(words + 4 * (kOutputs * i + o), bytes + 4 * i, 4);
+}
+KQ_INLINE void get_words(const uint8_t* words, int count, int o, uint8_t* bytes) {
+  for (int i = 0; i < count / 4; ++i) std::memcpy(bytes + 4 * i, words + 4 * (kOutputs * i + o), 4);
 }
 
-// Where a group's units are, for block type Q, and what each unit's weights are:
-//   w = d * q + m per output lane (Q4_1, Q4_K), or w = d * (q - 8) (Q4_0, kOffset 8).
-// Q4_0 / Q4_1: a unit is a block, its words then d[16] (and m[16]), the file's bytes.
+// Where a group's units are, for block type Q, and what each unit's weights are, per output lane:
+//   w = d * q + m (Q4_1, Q4_K: kMin), or w = d * (q - kOffset) (Q4_0: 8, Q8_0: 128, Q6_K: 32;
+//   Q8_0's signed values are stored as they are and made unsigned (+128) when loaded).
+// Q4_0 / Q4_1 / Q8_0: a unit is a block, its words then d[16] (and m[16]), the file's bytes.
+// unpack_row gives an output's rows of blocks back as the file has them.
 template <typename Q>
 struct Layout {
   static constexpr bool kMin = std::is_same_v<Q, Q4_1Block>;
-  static constexpr int kOffset = kMin ? 0 : 8;
+  static constexpr int kOffset = kMin ? 0 : std::is_same_v<Q, Q8_0Block> ? 128 : 8;
   static constexpr int kHalves = 1;
-  static constexpr int kQs = Q::kBytes - 16;  // where a block's nibbles start
+  static constexpr int kValues = std::is_same_v<Q, Q8_0Block> ? 32 : 16;  // bytes of values a block
+  static constexpr int kQs = Q::kBytes - kValues;                           // where they start
   static constexpr int64_t kUnitBytes = kOutputs * Q::kBytes;
-  static constexpr int kD = 256, kM = 256 + 32;  // where the unit's scales and minimums start
+  static constexpr int kD = kOutputs * kValues, kM = kD + 32;  // where the unit's scales and minimums start
   static int64_t group_bytes(int64_t in_features) { return in_features / 32 * kUnitBytes; }
   static const uint8_t* words(const uint8_t* group, int64_t u) { return group + u * kUnitBytes; }
   static KQ_INLINE void scales(const uint8_t* group, int64_t u, int, __m512& d, __m512& m) {
@@ -85,17 +96,24 @@ struct Layout {
     for (int64_t u = 0; u < in_features / 32; ++u, out += kUnitBytes) {
       for (int o = 0; o < kOutputs; ++o) {
         const uint8_t* block = rows + o * row_bytes + u * Q::kBytes;
-        put_nibbles(block + kQs, o, out);
+        put_words(block + kQs, kValues, o, out);
         std::memcpy(out + kD + 2 * o, block, 2);
         if constexpr (kMin) std::memcpy(out + kM + 2 * o, block + 2, 2);
       }
     }
   }
+  static void unpack_row(const uint8_t* group, int o, int64_t in_features, uint8_t* row) {
+    for (int64_t u = 0; u < in_features / 32; ++u, group += kUnitBytes, row += Q::kBytes) {
+      get_words(group, kValues, o, row + kQs);
+      std::memcpy(row, group + kD + 2 * o, 2);
+      if constexpr (kMin) std::memcpy(row + 2, group + kM + 2 * o, 2);
+    }
+  }
 };
 
 // Q4_K: a super-block (8 units) is the units' words, in Q4_1's nibble order, then d[16],
-// dmin[16], and the 6-bit scales and mins as bytes, sc[8][16] and m[8][16]: 4 bytes more than
-// the file's 16 x 144. Unit j's weights are (d * sc_j) q - dmin * m_j (d * sc_j is exact in float).
+// dmin[16], and the 6-bit scales and mins as bytes, sc[8][16] and m[8][16]: 4 bytes a row more
+// than the file's 144. Unit j's weights are (d * sc_j) q - dmin * m_j (d * sc_j exact in float).
 template <>
 struct Layout<Q4_KBlock> {
   static constexpr bool kMin = true;
@@ -121,7 +139,7 @@ struct Layout<Q4_KBlock> {
             const int lo = (qs[32 * (j / 2) + k] >> (4 * (j % 2))) & 15, hi = (qs[32 * (j / 2) + 16 + k] >> (4 * (j % 2))) & 15;
             nibbles[k] = static_cast<uint8_t>(lo | hi << 4);
           }
-          put_nibbles(nibbles, o, out + 256 * j);
+          put_words(nibbles, 16, o, out + 256 * j);
           int sc, mn;
           k4_scale_min(block + 4, j, sc, mn);
           out[kSc + 16 * j + o] = static_cast<uint8_t>(sc);
@@ -129,6 +147,30 @@ struct Layout<Q4_KBlock> {
         }
         std::memcpy(out + kD + 2 * o, block, 2);
         std::memcpy(out + kDMin + 2 * o, block + 2, 2);
+      }
+    }
+  }
+  static void unpack_row(const uint8_t* group, int o, int64_t in_features, uint8_t* row) {
+    for (int64_t s = 0; s < in_features / 256; ++s, group += kSuperBytes, row += Q4_KBlock::kBytes) {
+      std::memcpy(row, group + kD + 2 * o, 2);
+      std::memcpy(row + 2, group + kDMin + 2 * o, 2);
+      uint8_t* scales = row + 4;  // k4_scale_min's packing of the 8 scales and mins, inverted
+      for (int j = 0; j < 4; ++j) {
+        const int sc = group[kSc + 16 * j + o], mn = group[kM + 16 * j + o];
+        const int sc_hi = group[kSc + 16 * (j + 4) + o], mn_hi = group[kM + 16 * (j + 4) + o];
+        scales[j] = static_cast<uint8_t>(sc | (sc_hi >> 4) << 6);
+        scales[j + 4] = static_cast<uint8_t>(mn | (mn_hi >> 4) << 6);
+        scales[j + 8] = static_cast<uint8_t>((sc_hi & 15) | (mn_hi & 15) << 4);
+      }
+      uint8_t* qs = row + 16;
+      std::memset(qs, 0, 128);
+      for (int j = 0; j < 8; ++j) {
+        uint8_t nibbles[16];
+        get_words(group + 256 * j, 16, o, nibbles);
+        for (int k = 0; k < 16; ++k) {
+          qs[32 * (j / 2) + k] |= static_cast<uint8_t>((nibbles[k] & 15) << (4 * (j % 2)));
+          qs[32 * (j / 2) + 16 + k] |= static_cast<uint8_t>((nibbles[k] >> 4) << (4 * (j % 2)));
+        }
       }
     }
   }
@@ -177,12 +219,32 @@ struct Layout<Q6_KBlock> {
             }
           }
           uint8_t* unit = out + kUnitBytes * j;
-          put_nibbles(nibbles, o, unit);
+          put_words(nibbles, 16, o, unit);
           for (int w = 0; w < 2; ++w) std::memcpy(unit + 256 + 4 * (kOutputs * w + o), tops + 4 * w, 4);
         }
         std::memcpy(out + kD + 2 * o, block + 208, 2);
         for (int g = 0; g < 16; ++g) out[kSc + 16 * g + o] = block[192 + g];
       }
+    }
+  }
+  static void unpack_row(const uint8_t* group, int o, int64_t in_features, uint8_t* row) {
+    for (int64_t s = 0; s < in_features / 256; ++s, group += kSuperBytes, row += Q6_KBlock::kBytes) {
+      std::memset(row, 0, 192);
+      for (int j = 0; j < 8; ++j) {
+        uint8_t nibbles[16], tops[8];
+        get_words(group + kUnitBytes * j, 16, o, nibbles);
+        get_words(group + kUnitBytes * j + 256, 8, o, tops);
+        for (int k = 0; k < 32; ++k) {  // element k of the unit: its nibble, and where its top is
+          const int low = k < 16 ? nibbles[k] & 15 : nibbles[k - 16] >> 4;
+          const int w = k % 8 / 4, field = (k % 16 >= 8 ? 2 : 0) + (k >= 16 ? 1 : 0);
+          const int q = low | ((tops[4 * w + k % 4] >> (2 * field)) & 3) << 4;
+          const int e = 32 * j + k, t = e % 128 / 32, l = e % 32;  // ggml's order, as value() reads it
+          row[64 * (e / 128) + l + 32 * (t % 2)] |= static_cast<uint8_t>((q & 15) << (4 * (t / 2)));
+          row[128 + 32 * (e / 128) + l] |= static_cast<uint8_t>((q >> 4) << (2 * t));
+        }
+      }
+      for (int g = 0; g < 16; ++g) row[192 + g] = group[kSc + 16 * g + o];
+      std::memcpy(row + 208, group + kD + 2 * o, 2);
     }
   }
 };
@@ -248,6 +310,12 @@ template <typename Q>
 KQ_INLINE void unit_values(const uint8_t* group, int64_t u, int i, __m512i& low, __m512i& high) {
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const uint8_t* words = Layout<Q>::words(group, u);
+  if constexpr (std::is_same_v<Q, Q8_0Block>) {  // elements 4i .. in word i, 16 + 4i .. in word 4 + i
+    const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+    low = _mm512_xor_si512(_mm512_loadu_si512(words + 64 * i), sign);
+    high = _mm512_xor_si512(_mm512_loadu_si512(words + 64 * (4 + i)), sign);
+    return;
+  }
   const __m512i w = _mm512_loadu_si512(words + 64 * i);
   low = _mm512_and_si512(w, nibble);
   high = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);

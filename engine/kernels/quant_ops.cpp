@@ -27,8 +27,9 @@
 // quant_linear then takes as type the layout's base + the GGML id:
 //   packed::kPackedBase (1000): Q4_0, Q4_1, Q5_0 and Q5_1; x is quantized to int8 as llama.cpp
 //     does, and the sum follows quant_packed.h's order, few rows and many alike.
-//   interleaved::kInterleavedBase (2000): Q4_0, Q4_1, Q4_K and Q6_K, 16 outputs at a time; x is quantized to
-//     16 bits, and the sum follows quant_interleaved.h's order.
+//   interleaved::kInterleavedBase (2000): Q4_0, Q4_1, Q8_0, Q4_K and Q6_K, 16 outputs at a
+//     time; x is quantized to 16 bits, and the sum follows quant_interleaved.h's order.
+//     quant_dequantize reads this layout too (an embedding tied to the output projection).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -763,7 +764,7 @@ at::Tensor quant_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_featur
   const bool known = interleave ? with_interleaved_type(qtype, any) : with_packed_type(qtype, any);
   TORCH_CHECK(known, op, ": no packed layout ", qtype, " (", qtype > base ? ggml_type_name(qtype - base) : "unknown",
               " in ", interleave ? "quant_interleaved.h" : "quant_packed.h", "); the layouts: ", packed::kPackedBase,
-              " + the id of Q4_0, Q4_1, Q5_0 or Q5_1, ", interleaved::kInterleavedBase, " + that of Q4_0, Q4_1, Q4_K or Q6_K");
+              " + the id of Q4_0, Q4_1, Q5_0 or Q5_1, ", interleaved::kInterleavedBase, " + that of Q4_0, Q4_1, Q8_0, Q4_K or Q6_K");
   check_blocks(op, blocks, qtype - base, in_features);
   const BlockShape shape = block_shape(op, qtype, in_features);
   check_output_multiple(op, blocks, shape);
@@ -811,11 +812,25 @@ at::Tensor quant_dot_linear(const at::Tensor& x, const at::Tensor& blocks, int64
 #endif
 
 // The rows `row_ids` (all when None) of dequant(blocks), [n, in_features] in `dtype`.
+// Row `id` of interleaved blocks (rows row_bytes apart) as the file has it, in `file_row`.
+template <typename Q>
+const uint8_t* unpack_interleaved_row(const uint8_t* blocks, int64_t row_bytes, int64_t id, int64_t K, uint8_t* file_row) {
+#if defined(KESTREL_QUANT_INTERLEAVED)
+  if constexpr (interleaved::kInterleavable<Q>) {
+    const int64_t group = id / interleaved::kOutputs;
+    interleaved::Layout<Q>::unpack_row(blocks + group * interleaved::kOutputs * row_bytes,
+                                       static_cast<int>(id % interleaved::kOutputs), K, file_row);
+  }
+#endif
+  return file_row;
+}
+
 at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features,
                             const c10::optional<at::Tensor>& row_ids, at::ScalarType dtype) {
   constexpr const char* op = "quant_dequantize";
-  TORCH_CHECK(check_blocks(op, blocks, qtype, in_features).packed_row_bytes == 0, op,
-              ": packed weights are for quant_linear only");
+  const BlockShape shape = check_blocks(op, blocks, qtype, in_features);
+  const bool is_interleaved = shape.output_multiple > 1;  // its rows are given back as the file has them
+  TORCH_CHECK(shape.packed_row_bytes == 0 || is_interleaved, op, ": packed weights are for quant_linear only");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, ": dtype must be float32 or bfloat16, got ", dtype);
   const int64_t num_rows = blocks.size(0), K = in_features;
   at::Tensor ids;
@@ -831,17 +846,24 @@ at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_
   const int64_t* idp = row_ids ? ids.data_ptr<int64_t>() : nullptr;
   const int64_t row_bytes = blocks.size(1);
   const uint8_t* wp = blocks.data_ptr<uint8_t>();
-  with_block_type(qtype, [&](auto q) {
+#if defined(KESTREL_QUANT_INTERLEAVED)
+  const int64_t block_type = is_interleaved ? qtype - interleaved::kInterleavedBase : qtype;
+#else
+  const int64_t block_type = qtype;
+#endif
+  with_block_type(block_type, [&](auto q) {
     using Q = decltype(q);
     with_output_type(dtype, [&](auto r) {
       using R = decltype(r);
       R* op_out = reinterpret_cast<R*>(out.data_ptr());
       at::parallel_for(0, n, std::max<int64_t>(1, 16384 / K), [&](int64_t begin, int64_t end) {
         std::unique_ptr<float[]> row32(std::is_same_v<R, float> ? nullptr : new float[K]);
+        std::unique_ptr<uint8_t[]> file_row(is_interleaved ? new uint8_t[K / Q::kBlock * Q::kBytes] : nullptr);
         for (int64_t i = begin; i < end; ++i) {
           const int64_t id = idp ? idp[i] : i;
           TORCH_CHECK(id >= 0 && id < num_rows, op, ": row id ", id, " is out of range for ", num_rows, " rows");
           const uint8_t* row = wp + id * row_bytes;
+          if (is_interleaved) row = unpack_interleaved_row<Q>(wp, row_bytes, id, K, file_row.get());
           if constexpr (std::is_same_v<R, float>) {
             decode_row<Q, Rounding::kReference>(row, K, op_out + i * K);
           } else {

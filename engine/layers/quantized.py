@@ -27,12 +27,13 @@ PACKED_TYPE_BASE = 1000  # int8 activations, for integer dot products (quant_pac
 INTERLEAVED_TYPE_BASE = 2000  # 16-bit activations, 16 outputs per group (quant_interleaved.h)
 
 # The 5-bit types run packed: their decoding to floats bound the one-row linears (Qwen2.5's Q5_0
-# step share 15.3 -> 12.7 ms; greedy agreement with bf16 82.5 -> 82.3%). The 4-bit ones run
-# interleaved: 2-4x faster than floats at every row count, at float quality (SmolLM2's
-# perplexity 22.954 -> 22.956), where int8 activations cost SmolLM2 a third of its agreement
-# (60.1 -> 40.6%, benchmarks/quality.py).
+# step share 15.3 -> 12.7 ms; greedy agreement with bf16 82.5 -> 82.3%). The 4-bit ones, Q6_K and
+# Q8_0 run interleaved, at float quality (SmolLM2's perplexity 22.954 -> 22.956), where int8
+# activations cost SmolLM2 a third of its agreement (60.1 -> 40.6%, benchmarks/quality.py): with
+# the model's linears in model order at one row, SmolLM2's Q4_1 ones take 2.8 ms a step against
+# 4.5 as floats, Qwen2.5's Q4_K / Q6_K down_proj 123 us a call against 224.
 PACKABLE_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q5_0", "Q5_1"))
-INTERLEAVED_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q4_0", "Q4_1", "Q4_K", "Q6_K"))
+INTERLEAVED_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"))
 INTERLEAVED_OUTPUTS = 16  # an interleaved weight's out_features must be a multiple of it
 
 
@@ -53,14 +54,16 @@ class QuantizedWeight:
         return self.blocks.numel()
 
 
-def packed_for_linears(weight: QuantizedWeight) -> QuantizedWeight:
+def packed_for_linears(weight: QuantizedWeight, lookups: bool = False) -> QuantizedWeight:
     """`weight` in the layout its linears run fastest in where the kernels have one for its type
-    and shape (same bytes, another order: it can then only be a linear's weight), else `weight`."""
+    and shape (same bytes, another order), else `weight`. With `lookups`, only in a layout that
+    embedding lookups read too (an output projection tied to the embedding): the interleaved one;
+    the packed one is for linears only."""
     if not hasattr(kernels.ops(), "quant_pack"):
         return weight
     if weight.qtype in INTERLEAVED_TYPES and weight.out_features % INTERLEAVED_OUTPUTS == 0:
         return pack(weight, INTERLEAVED_TYPE_BASE)
-    if weight.qtype in PACKABLE_TYPES:
+    if weight.qtype in PACKABLE_TYPES and not lookups:
         return pack(weight, PACKED_TYPE_BASE)
     return weight
 

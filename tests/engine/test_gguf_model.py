@@ -67,8 +67,9 @@ def test_tiny_gguf_matches_transformers_on_its_decoded_weights(tmp_path, monkeyp
 
 
 # (type, the largest logit difference allowed): Q5_0 runs on int8 activations (observed: at most
-# 0.0054 on logits up to 0.63), Q4_1 on 16-bit ones (observed: at most 1.9e-5 on logits up to 0.65)
-REPACKED = [("Q5_0", 0.02), ("Q4_1", 2e-4)]
+# 0.0054 on logits up to 0.63), Q4_1 and Q8_0 on 16-bit ones (observed: at most 1.9e-5 on logits
+# up to 0.65)
+REPACKED = [("Q5_0", 0.02), ("Q4_1", 2e-4), ("Q8_0", 2e-4)]
 
 
 @pytest.mark.parametrize(("qtype", "atol"), REPACKED, ids=[qtype for qtype, _ in REPACKED])
@@ -84,6 +85,9 @@ def test_repacked_linears_stay_near_the_float_ones(tmp_path, monkeypatch, model_
     packed = load_gguf_model(reader, config, torch.float32)
     layers = packed.model.layers
     assert {part.qtype for layer in layers for part in layer.mlp.down_proj.quant_parts} == {linear_type(qtype)}
+    if config.tie_word_embeddings:  # one copy of the blocks: interleaved where the head's type can be
+        (head,) = packed.lm_head.quant_parts
+        assert packed.model.embed_tokens.weight_blocks is head
     float_kernels_only(monkeypatch)
     plain = load_gguf_model(reader, config, torch.float32)
     prompts = [list(b"The capital of France is"), list(b"1, 2, 3,"), list(b"x")]

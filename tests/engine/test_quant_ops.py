@@ -314,7 +314,7 @@ def test_packed_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack)
     cases = [
         (lambda: pack(torch.from_numpy(random_blocks(T.Q8_0, 4, 64)), PACKED_BASE + int(T.Q8_0), 64),
          "no packed layout 1008 (Q8_0 in quant_packed.h); the layouts: 1000 + the id of Q4_0, Q4_1, Q5_0 or Q5_1, "
-         "2000 + that of Q4_0, Q4_1, Q4_K or Q6_K"),
+         "2000 + that of Q4_0, Q4_1, Q8_0, Q4_K or Q6_K"),
         (lambda: pack(blocks, int(T.Q5_0), 896), "no packed layout 6"),
         (lambda: ops.quant_linear(torch.randn(1, 64), torch.zeros(4, 68, dtype=torch.uint8), PACKED_BASE + int(T.Q8_0), 64,
                                   None), "unsupported qtype 1008"),
@@ -331,7 +331,7 @@ def test_packed_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack)
 
 # ---- the interleaved linear on 16-bit activations (quant_interleaved.h) --------------------------
 
-INTERLEAVABLE = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K]
+INTERLEAVABLE = [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K]
 # 3 and 5 groups of 16 outputs: tiles of 2 and 4 groups with one left over
 INTERLEAVED_OUT_FEATURES = [48, 80]
 
@@ -375,6 +375,20 @@ def test_interleaved_linear_rows_are_the_same_whatever_the_batch(ops, pack, bloc
         assert torch.equal(ops.quant_linear(x, packed, qtype, in_features, None), batch)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("block_type", INTERLEAVABLE, ids=lambda t: t.name)
+def test_interleaved_rows_dequantize_as_the_files_do(ops, pack, block_type):
+    """An output projection tied to the embedding is one copy of the blocks, interleaved: its rows
+    looked up give the file's values, bit for bit."""
+    blocks = torch.from_numpy(random_blocks(block_type, 48, 512, seed=9))
+    packed = pack(blocks, INTERLEAVED_BASE + int(block_type), 512)
+    ids = torch.tensor([0, 47, 17, 17, 31, 5])
+    for dtype in (torch.float32, torch.bfloat16):
+        want = ops.quant_dequantize(blocks, int(block_type), 512, None, dtype)
+        assert torch.equal(ops.quant_dequantize(packed, INTERLEAVED_BASE + int(block_type), 512, None, dtype), want)
+        got = ops.quant_dequantize(packed, INTERLEAVED_BASE + int(block_type), 512, ids, dtype)
+        assert torch.equal(got, want[ids])
 
 
 def test_interleaved_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack):
