@@ -473,7 +473,7 @@ void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, int64
 }
 #endif
 
-// ---- Interleaved 4-bit blocks (quant_interleaved.h) -------------------------------------------------
+// ---- Interleaved blocks (quant_interleaved.h) -------------------------------------------------------
 
 #if defined(KESTREL_QUANT_INTERLEAVED)
 // Output groups (of 16) per tile and rows per tile: 2 * NB * MR integer and NB * MR float
@@ -811,7 +811,6 @@ at::Tensor quant_dot_linear(const at::Tensor& x, const at::Tensor& blocks, int64
 }
 #endif
 
-// The rows `row_ids` (all when None) of dequant(blocks), [n, in_features] in `dtype`.
 // Row `id` of interleaved blocks (rows row_bytes apart) as the file has it, in `file_row`.
 template <typename Q>
 const uint8_t* unpack_interleaved_row(const uint8_t* blocks, int64_t row_bytes, int64_t id, int64_t K, uint8_t* file_row) {
@@ -825,6 +824,7 @@ const uint8_t* unpack_interleaved_row(const uint8_t* blocks, int64_t row_bytes, 
   return file_row;
 }
 
+// The rows `row_ids` (all when None) of dequant(blocks), [n, in_features] in `dtype`.
 at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_features,
                             const c10::optional<at::Tensor>& row_ids, at::ScalarType dtype) {
   constexpr const char* op = "quant_dequantize";
