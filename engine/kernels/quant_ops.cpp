@@ -557,14 +557,14 @@ struct BlockShape {
   }
 };
 
-#if defined(KESTREL_QUANT_PACKED)
-// Runs fn(Q{}) for a packed type id's block type Q; false where qtype is none.
-template <typename Fn>
-bool with_packed_type(int64_t qtype, Fn&& fn) {
+// Runs fn(Q{}) where qtype is `base` + the id of a block type Q that a layout holds
+// (holds(Q{}) a std::true_type); false where it is none.
+template <typename Holds, typename Fn>
+bool with_layout_type(int64_t qtype, int64_t base, Holds holds, Fn&& fn) {
   bool known = false;
-  if (qtype > packed::kPackedBase) {
-    with_block_type(qtype - packed::kPackedBase, [&](auto q) {
-      if constexpr (packed::kPackable<decltype(q)>) {
+  if (qtype > base) {
+    with_block_type(qtype - base, [&](auto q) {
+      if constexpr (decltype(holds(q))::value) {
         fn(q);
         known = true;
       }
@@ -572,22 +572,20 @@ bool with_packed_type(int64_t qtype, Fn&& fn) {
   }
   return known;
 }
+
+#if defined(KESTREL_QUANT_PACKED)
+template <typename Fn>
+bool with_packed_type(int64_t qtype, Fn&& fn) {
+  const auto holds = [](auto q) { return std::bool_constant<packed::kPackable<decltype(q)>>{}; };
+  return with_layout_type(qtype, packed::kPackedBase, holds, fn);
+}
 #endif
 
 #if defined(KESTREL_QUANT_INTERLEAVED)
-// Runs fn(Q{}) for an interleaved type id's block type Q; false where qtype is none.
 template <typename Fn>
 bool with_interleaved_type(int64_t qtype, Fn&& fn) {
-  bool known = false;
-  if (qtype > interleaved::kInterleavedBase) {
-    with_block_type(qtype - interleaved::kInterleavedBase, [&](auto q) {
-      if constexpr (interleaved::kInterleavable<decltype(q)>) {
-        fn(q);
-        known = true;
-      }
-    });
-  }
-  return known;
+  const auto holds = [](auto q) { return std::bool_constant<interleaved::kInterleavable<decltype(q)>>{}; };
+  return with_layout_type(qtype, interleaved::kInterleavedBase, holds, fn);
 }
 #endif
 

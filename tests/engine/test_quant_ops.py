@@ -201,6 +201,39 @@ def check_dot_linear(
     assert bool((error <= bound).all()), f"worst error / bound: {float((error / bound).max()):.3g}"
 
 
+def check_repacked_linear(ops, packed: torch.Tensor, qtype: int, weight: torch.Tensor, rows_list, x_levels: int) -> None:
+    """quant_linear over repacked blocks (type id qtype) against their decoded `weight`, within
+    check_dot_linear's bound, for each row count: float32 and bfloat16 x, with and without bias."""
+    out_features, in_features = weight.shape
+    generator = torch.Generator().manual_seed(0)
+    for rows in rows_list:
+        x = torch.randn(rows, in_features, generator=generator)
+        x[0, :32] = 0.0  # an all-zero unit has no scale
+        x[-1, 40] = 30.0  # an outlier coarsens its unit only
+        for dtype in (torch.float32, torch.bfloat16):
+            for bias in (None, torch.randn(out_features, generator=generator)):
+                got = ops.quant_linear(x.to(dtype), packed, qtype, in_features, bias)
+                assert got.dtype == dtype and got.shape == (rows, out_features)
+                check_dot_linear(got, x.to(dtype).float(), weight, bias, x_levels)
+
+
+def check_rows_whatever_the_batch(ops, packed: torch.Tensor, qtype: int, in_features: int, rows: int, counts) -> None:
+    """Each of `rows` rows alone, the first `counts` together and all of them on one thread give
+    the bits of one batch of all."""
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+    batch = ops.quant_linear(x, packed, qtype, in_features, None)
+    for row in range(rows):
+        assert torch.equal(ops.quant_linear(x[row : row + 1], packed, qtype, in_features, None), batch[row : row + 1])
+    for count in counts:
+        assert torch.equal(ops.quant_linear(x[:count], packed, qtype, in_features, None), batch[:count]), count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(ops.quant_linear(x, packed, qtype, in_features, None), batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("qtype", DOT_TYPES, ids=lambda t: t.name)
 def test_dot_linear_is_within_the_int8_rounding_bound(dot_linear, qtype):
     in_features = in_features_for(qtype) + (0 if gguf.GGML_QUANT_SIZES[qtype][0] == 256 else 64)  # 21 units: a part chunk
@@ -265,42 +298,18 @@ PACKED_IN_FEATURES = [512, 896, 672, 96]
 @pytest.mark.parametrize("in_features", PACKED_IN_FEATURES)
 @pytest.mark.parametrize("qtype", PACKABLE, ids=lambda t: t.name)
 def test_packed_linear_is_within_the_int8_rounding_bound(ops, pack, qtype, in_features):
-    out_features = 45  # groups of outputs with a remainder
-    blocks = random_blocks(qtype, out_features, in_features, seed=5)
-    weight = reference(blocks, qtype)
+    blocks = random_blocks(qtype, 45, in_features, seed=5)  # groups of outputs with a remainder
     packed = pack(torch.from_numpy(blocks), PACKED_BASE + int(qtype), in_features)
-    generator = torch.Generator().manual_seed(0)
-    for rows in (1, 2, 3, 5, 16, 64):
-        x = torch.randn(rows, in_features, generator=generator)
-        x[0, :32] = 0.0  # an all-zero unit has no scale
-        x[-1, 40] = 30.0  # an outlier coarsens its unit only
-        for dtype in (torch.float32, torch.bfloat16):
-            for bias in (None, torch.randn(out_features, generator=generator)):
-                got = ops.quant_linear(x.to(dtype), packed, PACKED_BASE + int(qtype), in_features, bias)
-                assert got.dtype == dtype and got.shape == (rows, out_features)
-                check_dot_linear(got, x.to(dtype).float(), weight, bias)
+    check_repacked_linear(ops, packed, PACKED_BASE + int(qtype), reference(blocks, qtype), (1, 2, 3, 5, 16, 64), 127)
 
 
 @pytest.mark.parametrize("in_features", PACKED_IN_FEATURES)
 @pytest.mark.parametrize("block_type", PACKABLE, ids=lambda t: t.name)
 def test_packed_linear_rows_are_the_same_whatever_the_batch(ops, pack, block_type, in_features):
     """Rows alone, in tiles of 1-4 and in batches of any size give the same bits, on one thread or all."""
-    out_features = 37
-    blocks = torch.from_numpy(random_blocks(block_type, out_features, in_features, seed=6))
+    blocks = torch.from_numpy(random_blocks(block_type, 37, in_features, seed=6))
     qtype = PACKED_BASE + int(block_type)
-    packed = pack(blocks, qtype, in_features)
-    x = torch.randn(70, in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
-    batch = ops.quant_linear(x, packed, qtype, in_features, None)
-    for row in range(70):
-        assert torch.equal(ops.quant_linear(x[row : row + 1], packed, qtype, in_features, None), batch[row : row + 1])
-    for rows in (2, 3, 4, 5, 6, 7, 9, 16):
-        assert torch.equal(ops.quant_linear(x[:rows], packed, qtype, in_features, None), batch[:rows]), rows
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert torch.equal(ops.quant_linear(x, packed, qtype, in_features, None), batch)
-    finally:
-        torch.set_num_threads(threads)
+    check_rows_whatever_the_batch(ops, pack(blocks, qtype, in_features), qtype, in_features, 70, (2, 3, 4, 5, 6, 7, 9, 16))
 
 
 def test_packed_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack):
@@ -341,40 +350,18 @@ INTERLEAVED_OUT_FEATURES = [48, 80]
 def test_interleaved_linear_is_within_the_16_bit_rounding_bound(ops, pack, qtype, out_features):
     in_features = 768  # 24 units, 3 super-blocks
     blocks = random_blocks(qtype, out_features, in_features, seed=7)
-    weight = reference(blocks, qtype)
     packed = pack(torch.from_numpy(blocks), INTERLEAVED_BASE + int(qtype), in_features)
-    generator = torch.Generator().manual_seed(0)
-    for rows in (1, 2, 3, 5, 16, 64, 130):
-        x = torch.randn(rows, in_features, generator=generator)
-        x[0, :32] = 0.0  # an all-zero unit has no scale
-        x[-1, 40] = 30.0  # an outlier coarsens its unit only
-        for dtype in (torch.float32, torch.bfloat16):
-            for bias in (None, torch.randn(out_features, generator=generator)):
-                got = ops.quant_linear(x.to(dtype), packed, INTERLEAVED_BASE + int(qtype), in_features, bias)
-                assert got.dtype == dtype and got.shape == (rows, out_features)
-                check_dot_linear(got, x.to(dtype).float(), weight, bias, x_levels=32512)
+    rows = (1, 2, 3, 5, 16, 64, 130)  # 130: two passes of rows
+    check_repacked_linear(ops, packed, INTERLEAVED_BASE + int(qtype), reference(blocks, qtype), rows, 32512)
 
 
 @pytest.mark.parametrize("block_type", INTERLEAVABLE, ids=lambda t: t.name)
 def test_interleaved_linear_rows_are_the_same_whatever_the_batch(ops, pack, block_type):
     """Rows alone, in tiles of 1-4, in batches of any size and across passes of 128 rows give the
     same bits, on one thread or all."""
-    in_features, out_features, rows = 256, 80, 140
-    blocks = torch.from_numpy(random_blocks(block_type, out_features, in_features, seed=8))
+    blocks = torch.from_numpy(random_blocks(block_type, 80, 256, seed=8))
     qtype = INTERLEAVED_BASE + int(block_type)
-    packed = pack(blocks, qtype, in_features)
-    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
-    batch = ops.quant_linear(x, packed, qtype, in_features, None)
-    for row in range(rows):
-        assert torch.equal(ops.quant_linear(x[row : row + 1], packed, qtype, in_features, None), batch[row : row + 1])
-    for count in (2, 3, 4, 5, 6, 7, 9, 16, 129):
-        assert torch.equal(ops.quant_linear(x[:count], packed, qtype, in_features, None), batch[:count]), count
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert torch.equal(ops.quant_linear(x, packed, qtype, in_features, None), batch)
-    finally:
-        torch.set_num_threads(threads)
+    check_rows_whatever_the_batch(ops, pack(blocks, qtype, 256), qtype, 256, 140, (2, 3, 4, 5, 6, 7, 9, 16, 129))
 
 
 @pytest.mark.parametrize("block_type", INTERLEAVABLE, ids=lambda t: t.name)
