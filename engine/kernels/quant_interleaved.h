@@ -294,12 +294,22 @@ KQ_INLINE __m512i broadcast4(const int8_t* p) {  // 4 bytes at p in every lane
   return _mm512_set1_epi32(word);
 }
 
-// acc + per lane the dot of 4 unsigned bytes of u with 4 signed bytes of v
+// acc + per lane the dot of 4 unsigned bytes of u with 4 signed bytes of v. Without VNNI,
+// vpmaddubsw saturates a pair's sum at 32767: kWide (u up to 255, Q8_0's q + 128) splits u into
+// its low 7 bits and its top bit, each pair then under 2 * 127 * 128.
+template <bool kWide>
 KQ_INLINE __m512i dot4(__m512i acc, __m512i u, __m512i v) {
 #if defined(__AVX512VNNI__)
   return _mm512_dpbusd_epi32(acc, u, v);
 #else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, v), _mm512_set1_epi16(1)));
+  const __m512i ones = _mm512_set1_epi16(1);
+  if constexpr (kWide) {
+    const __m512i top = _mm512_and_si512(_mm512_srli_epi16(u, 7), _mm512_set1_epi8(1));
+    const __m512i top_dot = _mm512_madd_epi16(_mm512_maddubs_epi16(top, v), ones);
+    acc = _mm512_add_epi32(acc, _mm512_slli_epi32(top_dot, 7));
+    u = _mm512_and_si512(u, _mm512_set1_epi8(0x7F));
+  }
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, v), ones));
 #endif
 }
 
@@ -337,6 +347,7 @@ template <typename Q, int NB, int MR>
 void tile(const uint8_t* const* groups, int64_t units, const XUnit* const* x, __m512* acc) {
   using L = Layout<Q>;
   constexpr int H = L::kHalves;
+  constexpr bool kWide = std::is_same_v<Q, Q8_0Block>;
   for (int64_t u = 0; u < units; ++u) {
     __m512i hi[H][NB * MR], lo[H][NB * MR];  // the digits' dots, [half][b * MR + r]
     unroll<MR>([&](auto r) KQ_INLINE_LAMBDA {
@@ -362,10 +373,10 @@ void tile(const uint8_t* const* groups, int64_t units, const XUnit* const* x, __
         const __m512i ll = broadcast4(xu.lo + 4 * i), lh = broadcast4(xu.lo + 16 + 4 * i);
         unroll<NB>([&](auto b) KQ_INLINE_LAMBDA {
           const int j = b * MR + r;
-          hi[0][j] = dot4(hi[0][j], low[b], hl);
-          lo[0][j] = dot4(lo[0][j], low[b], ll);
-          hi[H - 1][j] = dot4(hi[H - 1][j], high[b], hh);
-          lo[H - 1][j] = dot4(lo[H - 1][j], high[b], lh);
+          hi[0][j] = dot4<kWide>(hi[0][j], low[b], hl);
+          lo[0][j] = dot4<kWide>(lo[0][j], low[b], ll);
+          hi[H - 1][j] = dot4<kWide>(hi[H - 1][j], high[b], hh);
+          lo[H - 1][j] = dot4<kWide>(lo[H - 1][j], high[b], lh);
         });
       });
     });
