@@ -4,28 +4,28 @@
 //
 // Why. The float kernels are bound by compute at one row (SmolLM2's Q4_1 linears read their
 // weights at 11-16 GB/s on two cores, Qwen2.5's Q4_K and Q6_K ones at 13-16, where the memory
-// gives 30), and
-// int8 activations, as llama.cpp and quant_packed.h have them, cost SmolLM2 a third of its greedy
-// agreement with bf16 (60.1 -> 40.6%, benchmarks/quality.py). Here x is quantized per 32 elements
-// to 16 bits in two signed bytes, p = 256 hi + lo with |p| <= 32512, d_x = max|x| / 32512
-// (rounding error ~1/65000 of a unit's largest value; perplexity 22.954 float, 22.956 here), and
-// every product still goes through vpdpbusd: a unit's integer dot is
+// gives 30), and int8 activations, as llama.cpp and quant_packed.h have them, cost SmolLM2 a
+// third of its greedy agreement with bf16 (60.1 -> 40.6%, benchmarks/quality.py). Here x is
+// quantized per 32 elements to 16 bits in two signed bytes, p = 256 hi + lo with |p| <= 32512,
+// d_x = max|x| / 32512 (rounding error ~1/65000 of a unit's largest value; perplexity 22.954
+// float, 22.956 here), and every product still goes through vpdpbusd: a unit's integer dot is
 //     I = 256 sum_k q_k hi_k + sum_k q_k lo_k - offset sum_k p_k
 // exact in int32, and exact as a float too (|I| < 2^24; Q6_K has one per half unit: 16 * 32 * 32512)
 // but for Q8_0's (up to 127 * 32 * 32512, rounded once to the nearest float).
 //
 // Layout. Outputs in groups of 16 (out_features must be a multiple of 16); a group holds its
-// units (32 input columns each) one after another, each unit's nibbles as the 16 outputs' 16
-// bytes interleaved by words:
-//     words[4][16]   uint32: words[i][o] = bytes 4i .. 4i + 3 of output o's 16 (two nibbles each)
+// units (32 input columns each) one after another, each unit's values as the 16 outputs' bytes
+// interleaved by words:
+//     words[i][16]   uint32: words[i][o] = bytes 4i .. 4i + 3 of output o's values (4 words of
+//                    two nibbles a byte for the 4-bit types and Q6_K's low bits, 8 for Q8_0)
 // then the scales (Layout below: the file's bytes, but for Q4_K's 4 more a row per 256 columns).
-// One vector of words yields, per lane o, elements 4i .. 4i + 3 (low nibbles) and 16 + 4i .. 16 +
-// 4i + 3 (high nibbles) of output o, which meet 4 bytes of x broadcast to every lane: the lanes
-// are 16 outputs, and nothing is summed across lanes.
+// Loaded as vectors, they yield per lane o elements 4i .. 4i + 3 and 16 + 4i .. 16 + 4i + 3 of
+// output o (unit_values), which meet 4 bytes of x broadcast to every lane: the lanes are 16
+// outputs, and nothing is summed across lanes.
 //
 // Summation order, the same whatever the batch, the tile and the thread count: per (output, row),
-// one float accumulator, from zero, adding unit after unit by FMA
-//     float(I) * (d * d_x)             where w = d (q - 8) (Q4_0), or where w = d q + m (Q4_1, Q4_K)
+// one float accumulator, from zero, adding unit after unit (Q6_K: half unit after half unit) by FMA
+//     float(I) * (d * d_x)     where w = d q + m (Q4_1, Q4_K), or w = d (q - offset) (the others)
 //     then m * (d_x * float(sum_k p_k))
 // then the bias.
 
