@@ -120,7 +120,7 @@ struct Layout<Q4_KBlock> {
   static constexpr int kOffset = 0;
   static constexpr int kHalves = 1;
   static constexpr int64_t kSuperBytes = 8 * 256 + 2 * 32 + 2 * 128;
-  static constexpr int kD = 2048, kDMin = 2080, kSc = 2112, kM = 2240;
+  static constexpr int kD = 8 * 256, kDMin = kD + 32, kSc = kDMin + 32, kM = kSc + 128;
   static int64_t group_bytes(int64_t in_features) { return in_features / 256 * kSuperBytes; }
   static const uint8_t* words(const uint8_t* group, int64_t u) { return group + u / 8 * kSuperBytes + u % 8 * 256; }
   static KQ_INLINE void scales(const uint8_t* group, int64_t u, int, __m512& d, __m512& m) {
@@ -220,7 +220,7 @@ struct Layout<Q6_KBlock> {
           }
           uint8_t* unit = out + kUnitBytes * j;
           put_words(nibbles, 16, o, unit);
-          for (int w = 0; w < 2; ++w) std::memcpy(unit + 256 + 4 * (kOutputs * w + o), tops + 4 * w, 4);
+          put_words(tops, 8, o, unit + 256);
         }
         std::memcpy(out + kD + 2 * o, block + 208, 2);
         for (int g = 0; g < 16; ++g) out[kSc + 16 * g + o] = block[192 + g];

@@ -381,7 +381,7 @@ def test_interleaved_rows_dequantize_as_the_files_do(ops, pack, block_type):
 def test_interleaved_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack):
     for block_type in INTERLEAVABLE:
         blocks = torch.from_numpy(random_blocks(block_type, 32, 512))
-        extra = 2 * 4 if block_type == T.Q4_K else 0  # the 6-bit scales and mins as bytes: 4 more a super-block
+        extra = 2 * 4 if block_type == T.Q4_K else 0  # the 6-bit scales and mins as bytes: 4 more a row per super-block
         assert pack(blocks, INTERLEAVED_BASE + int(block_type), 512).shape == (32, blocks.shape[1] + extra)
     q4_0 = torch.from_numpy(random_blocks(T.Q4_0, 40, 64))
     cases = [
