@@ -8,7 +8,10 @@
 #
 # Environment: KESTREL_HOME (default ~/.cache/kestrel), LLAMA_CPP_PYTHON_VERSION (default below,
 # the newest on PyPI that was checked to build), JOBS (default: number of cores), PYTHON (the
-# interpreter whose pip downloads the sdist), KEEP_BUILD=1 to keep the build tree.
+# interpreter whose pip downloads the sdist), KEEP_BUILD=1 to keep the build tree, and
+# LLAMA_ISA=x86-64-v3 for a build with AVX2 + FMA only whatever this CPU has, installed to
+# <version>-x86-64-v3/ (pass it to serve.py as KESTREL_LLAMA_SERVER): the AVX2 peer measured on
+# an AVX-512 host, beside Kestrel's own x86-64-v3 kernels (KESTREL_KERNELS=x86-64-v3).
 #
 # NOTE: GGML_NATIVE=ON compiles for this CPU (-march=native). The CPU kind of these machines
 # changes between sessions (AVX2 EPYC / AVX-512 + AMX Sapphire Rapids), so the install directory
@@ -23,10 +26,15 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 
-PREFIX="$KESTREL_HOME/peers/llama.cpp/$VERSION"
+ISA="${LLAMA_ISA:-native}"
+case "$ISA" in
+    native) PREFIX="$KESTREL_HOME/peers/llama.cpp/$VERSION" ;;
+    x86-64-v3) PREFIX="$KESTREL_HOME/peers/llama.cpp/$VERSION-$ISA" ;;
+    *) echo "LLAMA_ISA must be native or x86-64-v3, not $ISA" >&2; exit 2 ;;
+esac
 BINARY="$PREFIX/llama-server"
 INFO="$PREFIX/BUILD_INFO"
-WORK="$KESTREL_HOME/peers/llama.cpp/.build-$VERSION"
+WORK="$KESTREL_HOME/peers/llama.cpp/.build-$VERSION-$ISA"
 
 # The CPU a native build is for: model name and the ISA extensions that change ggml's kernels.
 cpu_signature() {
@@ -37,10 +45,11 @@ cpu_signature() {
     echo "$model | $flags"
 }
 CPU="$(cpu_signature)"
+[[ "$ISA" == native ]] || CPU="any x86-64 | $ISA"
 
 # A binary built for this CPU with a build flag of this script's (NO_AMX) that differs is rebuilt.
 CPU_NEEDS_NO_AMX=0
-grep -qw amx_int8 /proc/cpuinfo && CPU_NEEDS_NO_AMX=1
+[[ "$ISA" == native ]] && grep -qw amx_int8 /proc/cpuinfo && CPU_NEEDS_NO_AMX=1
 if [[ -x "$BINARY" && -f "$INFO" ]] && grep -qxF "cpu: $CPU" "$INFO" \
     && { ((CPU_NEEDS_NO_AMX == 0)) || grep -q -- "-mno-amx-int8" "$INFO"; }; then
     echo "already built: $BINARY"
@@ -83,7 +92,6 @@ COMMIT="${COMMIT:-unknown}"
 CMAKE_FLAGS=(
     -DCMAKE_BUILD_TYPE=Release
     -DBUILD_SHARED_LIBS=OFF
-    -DGGML_NATIVE=ON
     -DLLAMA_BUILD_SERVER=ON
     -DLLAMA_BUILD_TESTS=OFF
     -DLLAMA_BUILD_EXAMPLES=OFF
@@ -92,6 +100,12 @@ CMAKE_FLAGS=(
     -DLLAMA_OPENSSL=OFF
     -DLLAMA_BUILD_COMMIT="$COMMIT"
 )
+if [[ "$ISA" == native ]]; then
+    CMAKE_FLAGS+=(-DGGML_NATIVE=ON)
+else  # x86-64-v3
+    CMAKE_FLAGS+=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+                  -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AMX_INT8=OFF)
+fi
 # ggml's AMX backend segfaults in ggml_backend_amx_mul_mat on the first inference on these Sapphire
 # Rapids machines (Q4_1 and Q4_K_M files alike; upstream ggml-org/llama.cpp#20824, closed without
 # a fix). Build without it: ggml then runs its AVX-512 (VNNI, BF16) kernels and repacking there.

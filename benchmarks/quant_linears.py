@@ -49,7 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import kernels  # noqa: E402
-from engine.layers.quantized import INTERLEAVED_TYPE_BASE, PACKED_TYPE_BASE, QuantizedWeight, pack  # noqa: E402
+from engine.layers.quantized import QuantizedWeight, interleave  # noqa: E402
 from engine.quantize import quantize_weight  # noqa: E402
 
 Tensor = torch.Tensor
@@ -291,14 +291,13 @@ def gguf_effective(qtype: str) -> Callable[[Tensor], Tensor]:
     return effective
 
 
-def gguf_packed_prepare(qtype: str, layout_base: int) -> Callable[[Tensor], Prepared]:
-    """The blocks repacked for an integer-dot linear: PACKED_TYPE_BASE (quant_packed.h, int8 x),
-    as GGUF models hold their 5-bit types on AVX-512 hosts, or INTERLEAVED_TYPE_BASE
-    (quant_interleaved.h, 16-bit x), as they hold Q4_0 and Q4_1 there."""
+def gguf_interleaved_prepare(qtype: str) -> Callable[[Tensor], Prepared]:
+    """The blocks interleaved for integer dot products on 16-bit x (quant_interleaved.h), as GGUF
+    models hold them on AVX2 and AVX-512 hosts."""
 
     def prepare(w: Tensor) -> Prepared:
         weight = quantize_weight(w, qtype)
-        return pack(weight, layout_base), weight.num_bytes
+        return interleave(weight), weight.num_bytes
 
     return prepare
 
@@ -364,11 +363,10 @@ def candidates() -> list[Candidate]:
             f"kestrel quant_dot_linear {qtype} bf16", bf16, gguf_prepare(qtype), gguf_run("quant_dot_linear"),
             effective=gguf_effective(qtype), unavailable=kestrel_op("quant_dot_linear"),
         ))
-    for layout, base in (("packed, int8 x", PACKED_TYPE_BASE), ("interleaved, 16-bit x", INTERLEAVED_TYPE_BASE)):
-        table.append(Candidate(
-            f"kestrel quant_linear Q4_1 {layout}", bf16, gguf_packed_prepare("Q4_1", base), gguf_run("quant_linear"),
-            effective=gguf_effective("Q4_1"), unavailable=kestrel_op("quant_pack"),
-        ))
+    table.append(Candidate(
+        "kestrel quant_linear Q4_1 interleaved, 16-bit x", bf16, gguf_interleaved_prepare("Q4_1"),
+        gguf_run("quant_linear"), effective=gguf_effective("Q4_1"), unavailable=kestrel_op("quant_pack"),
+    ))
     table.append(Candidate(
         "floor: read the Q4_1 blocks (torch.sum)", bf16, gguf_prepare("Q4_1"), read_floor_run,
         effective=gguf_effective("Q4_1"), floor=True,

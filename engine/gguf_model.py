@@ -21,7 +21,7 @@ from torch import nn
 from engine import kernels
 from engine.config import ConfigError, ModelConfig
 from engine.layers.linear import Linear, pack_linear_weights
-from engine.layers.quantized import QUANTIZED_TYPES, QuantizedEmbedding, QuantizedWeight, packed_for_linears
+from engine.layers.quantized import QUANTIZED_TYPES, QuantizedEmbedding, QuantizedWeight, interleave
 from engine.loader import build_empty_model, load_weights, target_of
 
 # general.architecture -> Hugging Face model_type.
@@ -212,7 +212,7 @@ def load_gguf_model(
         if module_name == "model.embed_tokens":
             (_, weight), = shards
             if config.tie_word_embeddings:  # one copy of the blocks, in a layout both read
-                weight = packed_for_linears(weight, lookups=True)
+                weight = interleave(weight)
                 _attach(model.lm_head, [weight], pack=False)
             model.model.embed_tokens = QuantizedEmbedding(weight, dtype)
             continue
@@ -225,7 +225,7 @@ def load_gguf_model(
 
 def _attach(linear: nn.Module, weights: list[QuantizedWeight], pack: bool = True) -> None:
     """Give `linear` its blocks (a fused projection's shards in order, runs of one block type
-    joined into one part, repacked where the kernels have a packed layout) in place of its
+    joined into one part, interleaved where the kernels have that layout) in place of its
     dense weight."""
     assert isinstance(linear, Linear)
     merged: list[QuantizedWeight] = []
@@ -236,4 +236,4 @@ def _attach(linear: nn.Module, weights: list[QuantizedWeight], pack: bool = True
             merged.pop()
         merged.append(weight)
     linear.weight = None
-    linear.quant_parts = [packed_for_linears(weight) for weight in merged] if pack else merged
+    linear.quant_parts = [interleave(weight) for weight in merged] if pack else merged

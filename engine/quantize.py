@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from engine.layers.linear import Linear
-from engine.layers.quantized import QUANTIZED_TYPES, QuantizedEmbedding, QuantizedWeight, packed_for_linears
+from engine.layers.quantized import QUANTIZED_TYPES, QuantizedEmbedding, QuantizedWeight, interleave
 
 BLOCK = 32
 # --quantization -> the block type of the decoder layers' linears.
@@ -73,7 +73,7 @@ def quantize_model(model: nn.Module, quantization: str) -> None:
         if isinstance(module, Linear) and module.weight is not None and module.in_features % BLOCK == 0:
             tied = module is head and model.config.tie_word_embeddings
             weight = quantize_weight(module.weight, "Q8_0" if module is head else layer_type)
-            weight = packed_for_linears(weight, lookups=tied)
+            weight = interleave(weight)
             if tied:  # one copy of the blocks serves both
                 model.model.embed_tokens = QuantizedEmbedding(weight, module.weight.dtype)
             module.weight = None

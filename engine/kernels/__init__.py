@@ -49,7 +49,7 @@ _state: dict[str, object] = {}
 class KernelOps(Protocol):
     """torch.ops.kestrel: the ops the sources register (quant_* in quant_ops.cpp, the rest in
     cpu_ops.cpp, which cpu_ops.h maps to their files). fma_linear and decoder_layers exist only
-    in builds for CPUs with AVX2 + FMA, quant_pack only with AVX-512, amx_linear only with AMX
+    in builds for CPUs with AVX2 + FMA, quant_pack with AVX2 + FMA + F16C or AVX-512, amx_linear only with AMX
     (check with hasattr)."""
 
     def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor: ...

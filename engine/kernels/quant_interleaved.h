@@ -1,31 +1,34 @@
-// Blocks of 4-bit values without a fifth bit (Q4_0, Q4_1, Q4_K), of 6-bit (Q6_K) and 8-bit ones
-// (Q8_0) interleaved 16 outputs at a time, and the linear over them on 16-bit activations, for
-// quant_ops.cpp (CPUs with AVX-512 BW and VL).
+// Blocks of 4-bit (Q4_0, Q4_1, Q4_K), 5-bit (Q5_0, Q5_1), 6-bit (Q6_K) and 8-bit values (Q8_0)
+// interleaved 16 outputs at a time, and the linear over them on 16-bit activations, for
+// quant_ops.cpp (CPUs with AVX-512 BW and VL, or AVX2, FMA and F16C).
 //
 // Why. The float kernels are bound by compute at one row (SmolLM2's Q4_1 linears read their
 // weights at 11-16 GB/s on two cores, Qwen2.5's Q4_K and Q6_K ones at 13-16, where the memory
-// gives 30), and int8 activations, as llama.cpp and quant_packed.h have them, cost SmolLM2 a
+// gives 30), and int8 activations, as llama.cpp and quant_dot.h have them, cost SmolLM2 a
 // third of its greedy agreement with bf16 (60.1 -> 40.6%, benchmarks/quality.py). Here x is
 // quantized per 32 elements to 16 bits in two signed bytes, p = 256 hi + lo with |p| <= 32512,
 // d_x = max|x| / 32512 (rounding error ~1/65000 of a unit's largest value; perplexity 22.954
-// float, 22.956 here), and every product still goes through vpdpbusd: a unit's integer dot is
+// float, 22.956 here), and every product still goes through an integer dot of 4 bytes (vpdpbusd,
+// or vpmaddubsw + vpmaddwd): a unit's integer dot is
 //     I = 256 sum_k q_k hi_k + sum_k q_k lo_k - offset sum_k p_k
 // exact in int32, and exact as a float too (|I| < 2^24; Q6_K has one per half unit: 16 * 32 * 32512)
-// but for Q8_0's (up to 127 * 32 * 32512, rounded once to the nearest float).
+// but for Q8_0's and Q5_1's (up to 127 or 31 times 32 * 32512, rounded once to the nearest float).
 //
 // Layout. Outputs in groups of 16 (out_features must be a multiple of 16); a group holds its
 // units (32 input columns each) one after another, each unit's values as the 16 outputs' bytes
 // interleaved by words:
 //     words[i][16]   uint32: words[i][o] = bytes 4i .. 4i + 3 of output o's values (4 words of
-//                    two nibbles a byte for the 4-bit types and Q6_K's low bits, 8 for Q8_0)
-// then the scales (Layout below: the file's bytes, but for Q4_K's 4 more a row per 256 columns).
-// Loaded as vectors, they yield per lane o elements 4i .. 4i + 3 and 16 + 4i .. 16 + 4i + 3 of
-// output o (unit_values), which meet 4 bytes of x broadcast to every lane: the lanes are 16
-// outputs, and nothing is summed across lanes.
+//                    two nibbles a byte for the 4- and 5-bit types and Q6_K's low bits, 8 for Q8_0)
+// then the fifth or top bits and the scales (Layout below: the file's bytes, but for Q4_K's 4
+// more a row per 256 columns). Loaded as vectors (one for the 16 outputs with AVX-512, two with
+// AVX2), they yield per lane o elements 4i .. 4i + 3 and 16 + 4i .. 16 + 4i + 3 of output o
+// (unit_values), which meet 4 bytes of x broadcast to every lane: the lanes are outputs, and
+// nothing is summed across lanes.
 //
-// Summation order, the same whatever the batch, the tile and the thread count: per (output, row),
-// one float accumulator, from zero, adding unit after unit (Q6_K: half unit after half unit) by FMA
-//     float(I) * (d * d_x)     where w = d q + m (Q4_1, Q4_K), or w = d (q - offset) (the others)
+// Summation order, the same whatever the batch, the tile, the thread count and the vector width:
+// per (output, row), one float accumulator, from zero, adding unit after unit (Q6_K: half unit
+// after half unit) by FMA
+//     float(I) * (d * d_x)     where w = d q + m (Q4_1, Q5_1, Q4_K), or w = d (q - offset) (the others)
 //     then m * (d_x * float(sum_k p_k))
 // then the bias.
 
@@ -37,7 +40,8 @@
 
 #include "quant_blocks.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if (defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)) || \
+    (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #define KESTREL_QUANT_INTERLEAVED 1
 
 #include <immintrin.h>
@@ -45,21 +49,80 @@
 namespace kestrel_quant {
 namespace interleaved {
 
-constexpr int kOutputs = 16;               // outputs per group: the lanes of a vector
+constexpr int kOutputs = 16;                // outputs per group
 constexpr int64_t kInterleavedBase = 2000;  // the layout's type id: this + the GGML id
 
 template <typename Q>
-constexpr bool kInterleavable = std::is_same_v<Q, Q4_0Block> || std::is_same_v<Q, Q4_1Block> ||
-                                std::is_same_v<Q, Q8_0Block> || std::is_same_v<Q, Q4_KBlock> ||
-                                std::is_same_v<Q, Q6_KBlock>;
+constexpr bool kBlockUnits = std::is_same_v<Q, Q4_0Block> || std::is_same_v<Q, Q4_1Block> ||
+                             std::is_same_v<Q, Q5_0Block> || std::is_same_v<Q, Q5_1Block> ||
+                             std::is_same_v<Q, Q8_0Block>;  // a unit is a block
+template <typename Q>
+constexpr bool kInterleavable = kBlockUnits<Q> || std::is_same_v<Q, Q4_KBlock> || std::is_same_v<Q, Q6_KBlock>;
 
-KQ_INLINE __m512 load_halves(const uint8_t* p) {  // 16 halves to floats
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-KQ_INLINE __m512 load_bytes(const uint8_t* p) {  // 16 unsigned bytes to floats
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
+// The vectors: a group's 16 outputs are one AVX-512 vector or two AVX2 ones (its parts), a lane
+// an output. Lanes (quant_blocks.h) does the float side, Bytes the integer one.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+using Lanes = Avx512Lanes;
+struct Bytes {
+  using I = __m512i;
+  static KQ_INLINE I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static KQ_INLINE I set8(char b) { return _mm512_set1_epi8(b); }
+  static KQ_INLINE I set16(short h) { return _mm512_set1_epi16(h); }
+  static KQ_INLINE I set32(int32_t w) { return _mm512_set1_epi32(w); }
+  static KQ_INLINE I zero() { return _mm512_setzero_si512(); }
+  static KQ_INLINE I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static KQ_INLINE I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static KQ_INLINE I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
+  template <int S>
+  static KQ_INLINE I srl16(I a) { return _mm512_srli_epi16(a, S); }
+  template <int S>
+  static KQ_INLINE I shl16(I a) { return _mm512_slli_epi16(a, S); }
+  template <int S>
+  static KQ_INLINE I shl32(I a) { return _mm512_slli_epi32(a, S); }
+  static KQ_INLINE I add32(I a, I b) { return _mm512_add_epi32(a, b); }
+  static KQ_INLINE I maddubs(I u, I v) { return _mm512_maddubs_epi16(u, v); }
+  static KQ_INLINE I madd(I a, I b) { return _mm512_madd_epi16(a, b); }
+#if defined(__AVX512VNNI__)
+  static constexpr bool kVnni = true;
+  static KQ_INLINE I dpbusd(I acc, I u, I v) { return _mm512_dpbusd_epi32(acc, u, v); }
+#else
+  static constexpr bool kVnni = false;
+  static KQ_INLINE I dpbusd(I acc, I, I) { return acc; }
+#endif
+};
+#else
+using Lanes = Avx2Lanes;
+struct Bytes {
+  using I = __m256i;
+  static KQ_INLINE I load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static KQ_INLINE I set8(char b) { return _mm256_set1_epi8(b); }
+  static KQ_INLINE I set16(short h) { return _mm256_set1_epi16(h); }
+  static KQ_INLINE I set32(int32_t w) { return _mm256_set1_epi32(w); }
+  static KQ_INLINE I zero() { return _mm256_setzero_si256(); }
+  static KQ_INLINE I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static KQ_INLINE I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  static KQ_INLINE I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
+  template <int S>
+  static KQ_INLINE I srl16(I a) { return _mm256_srli_epi16(a, S); }
+  template <int S>
+  static KQ_INLINE I shl16(I a) { return _mm256_slli_epi16(a, S); }
+  template <int S>
+  static KQ_INLINE I shl32(I a) { return _mm256_slli_epi32(a, S); }
+  static KQ_INLINE I add32(I a, I b) { return _mm256_add_epi32(a, b); }
+  static KQ_INLINE I maddubs(I u, I v) { return _mm256_maddubs_epi16(u, v); }
+  static KQ_INLINE I madd(I a, I b) { return _mm256_madd_epi16(a, b); }
+#if defined(__AVXVNNI__)
+  static constexpr bool kVnni = true;
+  static KQ_INLINE I dpbusd(I acc, I u, I v) { return _mm256_dpbusd_avx_epi32(acc, u, v); }
+#else
+  static constexpr bool kVnni = false;
+  static KQ_INLINE I dpbusd(I acc, I, I) { return acc; }
+#endif
+};
+#endif
+using F = Lanes::F;
+using I = Bytes::I;
+constexpr int kParts = kOutputs / Lanes::N;  // vectors per group
 
 // A unit's 16 outputs' bytes interleaved by 4-byte words: words[i][o] = bytes 4i .. 4i + 3 of
 // output o's (nibbles as in Q4_0 / Q4_1 blocks, byte k: element k low, 16 + k high; or Q8_0's
@@ -72,31 +135,46 @@ KQ_INLINE void get_words(const uint8_t* words, int count, int o, uint8_t* bytes)
 }
 
 // Where a group's units are, for block type Q, and what each unit's weights are, per output lane:
-//   w = d * q + m (Q4_1, Q4_K: kMin), or w = d * (q - kOffset) (Q4_0: 8, Q8_0: 128, Q6_K: 32;
-//   Q8_0's signed values are stored as they are and made unsigned (+128) when loaded).
-// Q4_0 / Q4_1 / Q8_0: a unit is a block, its words then d[16] (and m[16]), the file's bytes.
-// unpack_row gives an output's rows of blocks back as the file has them.
+//   w = d * q + m (Q4_1, Q5_1, Q4_K: kMin), or w = d * (q - kOffset) (Q4_0: 8, Q5_0: 16,
+//   Q8_0: 128, Q6_K: 32; Q8_0's signed values are stored as they are and made unsigned (+128)
+//   when loaded).
+// Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0: a unit is a block: its words, then (Q5_0, Q5_1) tops[16],
+// one word an output of the fifth bits (byte k, bit i: element 4i + k's, bit 4 + i: element
+// 16 + 4i + k's), then d[16] (and m[16]): the file's bytes.
+// scales() loads the part starting at output lane0; unpack_row gives an output's rows of blocks
+// back as the file has them.
 template <typename Q>
 struct Layout {
-  static constexpr bool kMin = std::is_same_v<Q, Q4_1Block>;
-  static constexpr int kOffset = kMin ? 0 : std::is_same_v<Q, Q8_0Block> ? 128 : 8;
+  static_assert(kBlockUnits<Q>);
+  static constexpr bool kMin = std::is_same_v<Q, Q4_1Block> || std::is_same_v<Q, Q5_1Block>;
+  static constexpr bool kFifthBits = std::is_same_v<Q, Q5_0Block> || std::is_same_v<Q, Q5_1Block>;
+  static constexpr int kOffset = kMin ? 0 : std::is_same_v<Q, Q8_0Block> ? 128 : kFifthBits ? 16 : 8;
   static constexpr int kHalves = 1;
   static constexpr int kValues = std::is_same_v<Q, Q8_0Block> ? 32 : 16;  // bytes of values a block
   static constexpr int kQs = Q::kBytes - kValues;                           // where they start
   static constexpr int64_t kUnitBytes = kOutputs * Q::kBytes;
-  static constexpr int kD = kOutputs * kValues, kM = kD + 32;  // where the unit's scales and minimums start
+  static constexpr int kTops = kOutputs * kValues;                        // where the fifth bits start
+  static constexpr int kD = kTops + (kFifthBits ? 4 * kOutputs : 0), kM = kD + 32;  // the scales, minimums
   static int64_t group_bytes(int64_t in_features) { return in_features / 32 * kUnitBytes; }
   static const uint8_t* words(const uint8_t* group, int64_t u) { return group + u * kUnitBytes; }
-  static KQ_INLINE void scales(const uint8_t* group, int64_t u, int, __m512& d, __m512& m) {
-    d = load_halves(group + u * kUnitBytes + kD);
-    if constexpr (kMin) m = load_halves(group + u * kUnitBytes + kM);
+  static KQ_INLINE void scales(const uint8_t* group, int64_t u, int, int lane0, F& d, F& m) {
+    d = Lanes::half(group + u * kUnitBytes + kD + 2 * lane0);
+    if constexpr (kMin) m = Lanes::half(group + u * kUnitBytes + kM + 2 * lane0);
   }
+  // Element e's fifth bit: its bit in an output's tops word.
+  static constexpr int top_bit(int e) { return 8 * (e % 4) + 4 * (e / 16) + e % 16 / 4; }
   // Output group g's 16 rows of blocks (row_bytes apart) into the layout at out.
   static void pack_group(const uint8_t* rows, int64_t row_bytes, int64_t in_features, uint8_t* out) {
     for (int64_t u = 0; u < in_features / 32; ++u, out += kUnitBytes) {
       for (int o = 0; o < kOutputs; ++o) {
         const uint8_t* block = rows + o * row_bytes + u * Q::kBytes;
         put_words(block + kQs, kValues, o, out);
+        if constexpr (kFifthBits) {
+          const uint32_t qh = load_u32(block + Q::kQh);
+          uint32_t tops = 0;
+          for (int e = 0; e < 32; ++e) tops |= (qh >> e & 1u) << top_bit(e);
+          std::memcpy(out + kTops + 4 * o, &tops, 4);
+        }
         std::memcpy(out + kD + 2 * o, block, 2);
         if constexpr (kMin) std::memcpy(out + kM + 2 * o, block + 2, 2);
       }
@@ -105,6 +183,12 @@ struct Layout {
   static void unpack_row(const uint8_t* group, int o, int64_t in_features, uint8_t* row) {
     for (int64_t u = 0; u < in_features / 32; ++u, group += kUnitBytes, row += Q::kBytes) {
       get_words(group, kValues, o, row + kQs);
+      if constexpr (kFifthBits) {
+        const uint32_t tops = load_u32(group + kTops + 4 * o);
+        uint32_t qh = 0;
+        for (int e = 0; e < 32; ++e) qh |= (tops >> top_bit(e) & 1u) << e;
+        std::memcpy(row + Q::kQh, &qh, 4);
+      }
       std::memcpy(row, group + kD + 2 * o, 2);
       if constexpr (kMin) std::memcpy(row + 2, group + kM + 2 * o, 2);
     }
@@ -116,17 +200,18 @@ struct Layout {
 // than the file's 144. Unit j's weights are (d * sc_j) q - dmin * m_j (d * sc_j exact in float).
 template <>
 struct Layout<Q4_KBlock> {
-  static constexpr bool kMin = true;
+  static constexpr bool kMin = true, kFifthBits = false;
   static constexpr int kOffset = 0;
   static constexpr int kHalves = 1;
   static constexpr int64_t kSuperBytes = 8 * 256 + 2 * 32 + 2 * 128;
   static constexpr int kD = 8 * 256, kDMin = kD + 32, kSc = kDMin + 32, kM = kSc + 128;
   static int64_t group_bytes(int64_t in_features) { return in_features / 256 * kSuperBytes; }
   static const uint8_t* words(const uint8_t* group, int64_t u) { return group + u / 8 * kSuperBytes + u % 8 * 256; }
-  static KQ_INLINE void scales(const uint8_t* group, int64_t u, int, __m512& d, __m512& m) {
+  static KQ_INLINE void scales(const uint8_t* group, int64_t u, int, int lane0, F& d, F& m) {
     const uint8_t* super = group + u / 8 * kSuperBytes;
-    d = _mm512_mul_ps(load_halves(super + kD), load_bytes(super + kSc + 16 * (u % 8)));
-    m = _mm512_mul_ps(load_halves(super + kDMin), _mm512_sub_ps(_mm512_setzero_ps(), load_bytes(super + kM + 16 * (u % 8))));
+    d = Lanes::mul(Lanes::half(super + kD + 2 * lane0), Lanes::cvt(Lanes::u8(super + kSc + 16 * (u % 8) + lane0)));
+    m = Lanes::mul(Lanes::half(super + kDMin + 2 * lane0),
+                   Lanes::sub(Lanes::zero(), Lanes::cvt(Lanes::u8(super + kM + 16 * (u % 8) + lane0))));
   }
   static void pack_group(const uint8_t* rows, int64_t row_bytes, int64_t in_features, uint8_t* out) {
     for (int64_t s = 0; s < in_features / 256; ++s, out += kSuperBytes) {
@@ -184,17 +269,16 @@ struct Layout<Q4_KBlock> {
 // w = (d * sc) (q - 32).
 template <>
 struct Layout<Q6_KBlock> {
-  static constexpr bool kMin = false;
+  static constexpr bool kMin = false, kFifthBits = false;
   static constexpr int kOffset = 32;
   static constexpr int kHalves = 2;
   static constexpr int64_t kUnitBytes = 256 + 128, kSuperBytes = 8 * kUnitBytes + 32 + 256;
   static constexpr int kD = 8 * kUnitBytes, kSc = kD + 32;
   static int64_t group_bytes(int64_t in_features) { return in_features / 256 * kSuperBytes; }
   static const uint8_t* words(const uint8_t* group, int64_t u) { return group + u / 8 * kSuperBytes + u % 8 * kUnitBytes; }
-  static KQ_INLINE void scales(const uint8_t* group, int64_t u, int half, __m512& d, __m512&) {
+  static KQ_INLINE void scales(const uint8_t* group, int64_t u, int half, int lane0, F& d, F&) {
     const uint8_t* super = group + u / 8 * kSuperBytes;
-    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(super + kSc + 16 * (2 * (u % 8) + half)));
-    d = _mm512_mul_ps(load_halves(super + kD), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+    d = Lanes::mul(Lanes::half(super + kD + 2 * lane0), Lanes::cvt(Lanes::i8(super + kSc + 16 * (2 * (u % 8) + half) + lane0)));
   }
   // Element e's 6-bit value in a file block (ggml's order: 128 elements per ql[64] / qh[32] half).
   static int value(const uint8_t* block, int e) {
@@ -259,6 +343,16 @@ struct alignas(16) XUnit {
   int32_t minus_halves[2];
 };
 
+// The unit's scale and digits from its 32 values' max |x|; p (32 int32) from the vectors' values
+// times 32512 / max|x|, rounded to nearest even: |p| <= 32512, hi = round(p / 256) in
+// [-127, 127], lo = p - 256 hi in [-128, 127].
+KQ_INLINE void set_scale(float max_abs, XUnit& unit) {
+  unit.d = max_abs / 32512.0f;
+  unit.d_sum = unit.d * -static_cast<float>(unit.minus_halves[0] + unit.minus_halves[1]);
+}
+KQ_INLINE float inverse_scale(float max_abs) { return max_abs > 0.0f ? 32512.0f / max_abs : 0.0f; }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 KQ_INLINE __m256i to_bytes(__m512i a, __m512i b) {  // 32 int32 in [-128, 127] to bytes, in order
   return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(a)), _mm512_cvtepi32_epi8(b), 1);
 }
@@ -268,10 +362,9 @@ inline void quantize_row(const float* x, int64_t K, XUnit* out) {
   for (int64_t u = 0; u < K / 32; ++u) {
     const __m512 v0 = _mm512_loadu_ps(x + 32 * u), v1 = _mm512_loadu_ps(x + 32 * u + 16);
     const float max_abs = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    const __m512 inverse = _mm512_set1_ps(max_abs > 0.0f ? 32512.0f / max_abs : 0.0f);
-    const __m512i p0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inverse));  // |p| <= 32512, to nearest even
+    const __m512 inverse = _mm512_set1_ps(inverse_scale(max_abs));
+    const __m512i p0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inverse));
     const __m512i p1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inverse));
-    // hi = round(p / 256) in [-127, 127], lo = p - 256 hi in [-128, 127]
     const __m512i h0 = _mm512_srai_epi32(_mm512_add_epi32(p0, _mm512_set1_epi32(128)), 8);
     const __m512i h1 = _mm512_srai_epi32(_mm512_add_epi32(p1, _mm512_set1_epi32(128)), 8);
     const __m512i l0 = _mm512_sub_epi32(p0, _mm512_slli_epi32(h0, 8));
@@ -281,116 +374,160 @@ inline void quantize_row(const float* x, int64_t K, XUnit* out) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(unit.lo), to_bytes(l0, l1));
     unit.minus_halves[0] = -_mm512_reduce_add_epi32(p0);  // exact
     unit.minus_halves[1] = -_mm512_reduce_add_epi32(p1);
-    unit.d = max_abs / 32512.0f;
-    unit.d_sum = unit.d * -static_cast<float>(unit.minus_halves[0] + unit.minus_halves[1]);
+    set_scale(max_abs, unit);
   }
 }
+#else
+KQ_INLINE __m256i to_bytes(const __m256i* v) {  // 32 int32 in [-128, 127] (4 vectors) to bytes, in order
+  // packs work within 128-bit halves: words of elements 0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, ..
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+KQ_INLINE int32_t sum8(__m256i a) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+inline void quantize_row(const float* x, int64_t K, XUnit* out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t u = 0; u < K / 32; ++u) {
+    __m256 v[4];
+    __m256 max4 = _mm256_setzero_ps();
+    for (int k = 0; k < 4; ++k) {
+      v[k] = _mm256_loadu_ps(x + 32 * u + 8 * k);
+      max4 = _mm256_max_ps(max4, _mm256_andnot_ps(sign, v[k]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(max4), _mm256_extractf128_ps(max4, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    const float max_abs = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    const __m256 inverse = _mm256_set1_ps(inverse_scale(max_abs));
+    __m256i h[4], l[4], p[4];
+    for (int k = 0; k < 4; ++k) {
+      p[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inverse));
+      h[k] = _mm256_srai_epi32(_mm256_add_epi32(p[k], _mm256_set1_epi32(128)), 8);
+      l[k] = _mm256_sub_epi32(p[k], _mm256_slli_epi32(h[k], 8));
+    }
+    XUnit& unit = out[u];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(unit.hi), to_bytes(h));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(unit.lo), to_bytes(l));
+    unit.minus_halves[0] = -sum8(_mm256_add_epi32(p[0], p[1]));  // exact
+    unit.minus_halves[1] = -sum8(_mm256_add_epi32(p[2], p[3]));
+    set_scale(max_abs, unit);
+  }
+}
+#endif
 
 // ---- The linear ---------------------------------------------------------------------------------
 
-KQ_INLINE __m512i broadcast4(const int8_t* p) {  // 4 bytes at p in every lane
+KQ_INLINE I broadcast4(const int8_t* p) {  // 4 bytes at p in every lane
   int32_t word;
   std::memcpy(&word, p, 4);
-  return _mm512_set1_epi32(word);
+  return Bytes::set32(word);
 }
 
 // acc + per lane the dot of 4 unsigned bytes of u with 4 signed bytes of v. Without VNNI,
 // vpmaddubsw saturates a pair's sum at 32767: kWide (u up to 255, Q8_0's q + 128) splits u into
 // its low 7 bits and its top bit, each pair then under 2 * 127 * 128.
 template <bool kWide>
-KQ_INLINE __m512i dot4(__m512i acc, __m512i u, __m512i v) {
-#if defined(__AVX512VNNI__)
-  return _mm512_dpbusd_epi32(acc, u, v);
-#else
-  const __m512i ones = _mm512_set1_epi16(1);
+KQ_INLINE I dot4(I acc, I u, I v) {
+  if constexpr (Bytes::kVnni) return Bytes::dpbusd(acc, u, v);
+  const I ones = Bytes::set16(1);
   if constexpr (kWide) {
-    const __m512i top = _mm512_and_si512(_mm512_srli_epi16(u, 7), _mm512_set1_epi8(1));
-    const __m512i top_dot = _mm512_madd_epi16(_mm512_maddubs_epi16(top, v), ones);
-    acc = _mm512_add_epi32(acc, _mm512_slli_epi32(top_dot, 7));
-    u = _mm512_and_si512(u, _mm512_set1_epi8(0x7F));
+    const I top = Bytes::and_(Bytes::srl16<7>(u), Bytes::set8(1));
+    acc = Bytes::add32(acc, Bytes::shl32<7>(Bytes::madd(Bytes::maddubs(top, v), ones)));
+    u = Bytes::and_(u, Bytes::set8(0x7F));
   }
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, v), ones));
-#endif
+  return Bytes::add32(acc, Bytes::madd(Bytes::maddubs(u, v), ones));
 }
 
-// acc[b * MR + r] += the sums over `units` units of output groups `groups[b]` against rows x[r]
-// (each a row's first unit), in the order above.
-// Per lane, the values of word i of unit u (elements 4i .. 4i + 3 in `low`, 16 + 4i .. in `high`).
-template <typename Q>
-KQ_INLINE void unit_values(const uint8_t* group, int64_t u, int i, __m512i& low, __m512i& high) {
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const uint8_t* words = Layout<Q>::words(group, u);
-  if constexpr (std::is_same_v<Q, Q8_0Block>) {  // elements 4i .. in word i, 16 + 4i .. in word 4 + i
-    const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
-    low = _mm512_xor_si512(_mm512_loadu_si512(words + 64 * i), sign);
-    high = _mm512_xor_si512(_mm512_loadu_si512(words + 64 * (4 + i)), sign);
+// Per lane, the values of word W of unit u (elements 4W .. 4W + 3 in `low`, 16 + 4W .. in
+// `high`), for the part of the group starting at output lane0.
+template <typename Q, int W>
+KQ_INLINE void unit_values(const uint8_t* group, int64_t u, int lane0, I& low, I& high) {
+  using L = Layout<Q>;
+  const I nibble = Bytes::set8(0x0F);
+  const uint8_t* words = L::words(group, u) + 4 * lane0;
+  if constexpr (std::is_same_v<Q, Q8_0Block>) {  // elements 4W .. in word W, 16 + 4W .. in word 4 + W
+    const I sign = Bytes::set8(static_cast<char>(0x80));
+    low = Bytes::xor_(Bytes::load(words + 64 * W), sign);
+    high = Bytes::xor_(Bytes::load(words + 64 * (4 + W)), sign);
     return;
   }
-  const __m512i w = _mm512_loadu_si512(words + 64 * i);
-  low = _mm512_and_si512(w, nibble);
-  high = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+  const I w = Bytes::load(words + 64 * W);
+  low = Bytes::and_(w, nibble);
+  high = Bytes::and_(Bytes::srl16<4>(w), nibble);
+  if constexpr (L::kFifthBits) {  // bit W of each byte of the tops (bit 4 + W) to bit 4
+    const I tops = Bytes::load(words + L::kTops), five = Bytes::set8(0x10);
+    low = Bytes::or_(low, Bytes::and_(Bytes::shl16<4 - W>(tops), five));
+    high = Bytes::or_(high, Bytes::and_(Bytes::srl16<W>(tops), five));
+  }
   if constexpr (std::is_same_v<Q, Q6_KBlock>) {  // the top two bits, as bits 4-5 of each byte
-    const __m512i tops = _mm512_loadu_si512(words + 256 + 64 * (i % 2)), two = _mm512_set1_epi8(0x30);
-    if (i < 2) {
-      low = _mm512_or_si512(low, _mm512_and_si512(_mm512_slli_epi16(tops, 4), two));
-      high = _mm512_or_si512(high, _mm512_and_si512(_mm512_slli_epi16(tops, 2), two));
+    const I tops = Bytes::load(words + 256 + 64 * (W % 2)), two = Bytes::set8(0x30);
+    if constexpr (W < 2) {
+      low = Bytes::or_(low, Bytes::and_(Bytes::shl16<4>(tops), two));
+      high = Bytes::or_(high, Bytes::and_(Bytes::shl16<2>(tops), two));
     } else {
-      low = _mm512_or_si512(low, _mm512_and_si512(tops, two));
-      high = _mm512_or_si512(high, _mm512_and_si512(_mm512_srli_epi16(tops, 2), two));
+      low = Bytes::or_(low, Bytes::and_(tops, two));
+      high = Bytes::or_(high, Bytes::and_(Bytes::srl16<2>(tops), two));
     }
   }
 }
 
-// acc[b * MR + r] += the sums over `units` units of output groups `groups[b]` against rows x[r]
-// (each a row's first unit), in the order above; the halves of a unit (H 2) in order.
+// acc[v * MR + r] += the sums over `units` units of the outputs of vector v (part v % kParts of
+// output group groups[v / kParts]) against rows x[r] (each a row's first unit), in the order
+// above; the halves of a unit (H 2) in order.
 template <typename Q, int NB, int MR>
-void tile(const uint8_t* const* groups, int64_t units, const XUnit* const* x, __m512* acc) {
+void tile(const uint8_t* const* groups, int64_t units, const XUnit* const* x, F* acc) {
   using L = Layout<Q>;
-  constexpr int H = L::kHalves;
+  constexpr int H = L::kHalves, NV = NB * kParts;
   constexpr bool kWide = std::is_same_v<Q, Q8_0Block>;
   for (int64_t u = 0; u < units; ++u) {
-    __m512i hi[H][NB * MR], lo[H][NB * MR];  // the digits' dots, [half][b * MR + r]
+    I hi[H][NV * MR], lo[H][NV * MR];  // the digits' dots, [half][v * MR + r]
     unroll<MR>([&](auto r) KQ_INLINE_LAMBDA {
       const int32_t* minus = x[r][u].minus_halves;
       unroll<H>([&](auto h) KQ_INLINE_LAMBDA {
-        __m512i base = _mm512_setzero_si512();  // -offset * sum(p)
+        I base = Bytes::zero();  // -offset * sum(p)
         if constexpr (L::kOffset > 0) {
           const int32_t minus_sum = H == 2 ? minus[h] : minus[0] + minus[1];
-          base = _mm512_set1_epi32(minus_sum * L::kOffset);
+          base = Bytes::set32(minus_sum * L::kOffset);
         }
-        unroll<NB>([&](auto b) KQ_INLINE_LAMBDA {
-          hi[h][b * MR + r] = _mm512_setzero_si512();
-          lo[h][b * MR + r] = base;
+        unroll<NV>([&](auto v) KQ_INLINE_LAMBDA {
+          hi[h][v * MR + r] = Bytes::zero();
+          lo[h][v * MR + r] = base;
         });
       });
     });
     unroll<4>([&](auto i) KQ_INLINE_LAMBDA {
-      __m512i low[NB], high[NB];
-      unroll<NB>([&](auto b) KQ_INLINE_LAMBDA { unit_values<Q>(groups[b], u, i, low[b], high[b]); });
+      I low[NV], high[NV];
+      unroll<NV>([&](auto v) KQ_INLINE_LAMBDA {
+        unit_values<Q, i>(groups[v / kParts], u, v % kParts * Lanes::N, low[v], high[v]);
+      });
       unroll<MR>([&](auto r) KQ_INLINE_LAMBDA {
         const XUnit& xu = x[r][u];
-        const __m512i hl = broadcast4(xu.hi + 4 * i), hh = broadcast4(xu.hi + 16 + 4 * i);
-        const __m512i ll = broadcast4(xu.lo + 4 * i), lh = broadcast4(xu.lo + 16 + 4 * i);
-        unroll<NB>([&](auto b) KQ_INLINE_LAMBDA {
-          const int j = b * MR + r;
-          hi[0][j] = dot4<kWide>(hi[0][j], low[b], hl);
-          lo[0][j] = dot4<kWide>(lo[0][j], low[b], ll);
-          hi[H - 1][j] = dot4<kWide>(hi[H - 1][j], high[b], hh);
-          lo[H - 1][j] = dot4<kWide>(lo[H - 1][j], high[b], lh);
+        const I hl = broadcast4(xu.hi + 4 * i), hh = broadcast4(xu.hi + 16 + 4 * i);
+        const I ll = broadcast4(xu.lo + 4 * i), lh = broadcast4(xu.lo + 16 + 4 * i);
+        unroll<NV>([&](auto v) KQ_INLINE_LAMBDA {
+          const int j = v * MR + r;
+          hi[0][j] = dot4<kWide>(hi[0][j], low[v], hl);
+          lo[0][j] = dot4<kWide>(lo[0][j], low[v], ll);
+          hi[H - 1][j] = dot4<kWide>(hi[H - 1][j], high[v], hh);
+          lo[H - 1][j] = dot4<kWide>(lo[H - 1][j], high[v], lh);
         });
       });
     });
-    unroll<NB>([&](auto b) KQ_INLINE_LAMBDA {
+    unroll<NV>([&](auto v) KQ_INLINE_LAMBDA {
       unroll<H>([&](auto h) KQ_INLINE_LAMBDA {
-        __m512 d_w, m_w;
-        L::scales(groups[b], u, h, d_w, m_w);
+        F d_w, m_w;
+        L::scales(groups[v / kParts], u, h, v % kParts * Lanes::N, d_w, m_w);
         unroll<MR>([&](auto r) KQ_INLINE_LAMBDA {
           const XUnit& xu = x[r][u];
-          const int j = b * MR + r;
-          const __m512i dot = _mm512_add_epi32(lo[h][j], _mm512_slli_epi32(hi[h][j], 8));
-          __m512& a = acc[j];
-          a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d_w, _mm512_set1_ps(xu.d)), a);
-          if constexpr (L::kMin) a = _mm512_fmadd_ps(m_w, _mm512_set1_ps(xu.d_sum), a);
+          const int j = v * MR + r;
+          const I dot = Bytes::add32(lo[h][j], Bytes::shl32<8>(hi[h][j]));
+          F& a = acc[j];
+          a = Lanes::fma(Lanes::cvt(dot), Lanes::mul(d_w, Lanes::set1(xu.d)), a);
+          if constexpr (L::kMin) a = Lanes::fma(m_w, Lanes::set1(xu.d_sum), a);
         });
       });
     });

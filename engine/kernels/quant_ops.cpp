@@ -23,13 +23,11 @@
 // Threads split the output groups (parallel.h); every output is summed by one thread.
 // tests/engine/test_quant_ops.py checks the bits against gguf and across batches.
 //
-// With AVX-512, quant_pack repacks rows for integer dot products, into one of two layouts that
-// quant_linear then takes as type the layout's base + the GGML id:
-//   packed::kPackedBase (1000): Q4_0, Q4_1, Q5_0 and Q5_1; x is quantized to int8 as llama.cpp
-//     does, and the sum follows quant_packed.h's order, few rows and many alike.
-//   interleaved::kInterleavedBase (2000): Q4_0, Q4_1, Q8_0, Q4_K and Q6_K, 16 outputs at a
-//     time; x is quantized to 16 bits, and the sum follows quant_interleaved.h's order.
-//     quant_dequantize reads this layout too (an embedding tied to the output projection).
+// With AVX-512 BW and VL, or AVX2, FMA and F16C, quant_pack repacks rows for integer dot
+// products into the layout of quant_interleaved.h, which quant_linear then takes as type
+// interleaved::kInterleavedBase (2000) + the GGML id: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and
+// Q6_K, 16 outputs at a time; x is quantized to 16 bits, and the sum follows that header's order.
+// quant_dequantize reads this layout too (an embedding tied to the output projection).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -46,7 +44,6 @@
 #include "quant_blocks.h"
 #include "quant_dot.h"
 #include "quant_interleaved.h"
-#include "quant_packed.h"
 
 namespace {
 
@@ -389,99 +386,23 @@ void linear_dot(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
 }
 #endif
 
-// ---- Packed 4- and 5-bit blocks (quant_packed.h) ---------------------------------------------------
-
-#if defined(KESTREL_QUANT_PACKED)
-// Outputs per group (NO) and rows per tile (up to MR): NO * MR float accumulators and MR integer
-// ones, next to the decoder's temporaries (up to 26 of 32 registers). Decodes of up to 2 rows
-// take 8 outputs: 8 streams of weights keep more reads in flight than 4 (Qwen2.5's gate_up, 9728 x
-// 896, one row, in the step: 394 -> 320 us a call; the step 27.4 -> 24.4 ms, alternating runs).
-constexpr int kPackedFewRows = 2, kPackedFewOutputs = 8;
-constexpr int kPackedRows = 4, kPackedOutputs = 4;
-
-// sums[r * NO + o] for MR rows of x (stripes from row r0) against weight rows rows[o].
-template <typename Q, int NO, int MR>
-void packed_group(const uint8_t* const* rows, const packed::RowShape& shape, const packed::XStripe* x, int64_t r0,
-                  float* sums) {
-  using namespace packed;
-  Wide::F acc[NO * MR];  // [o * MR + r]
-  unroll<NO * MR>([&](auto i) { acc[i] = Avx512Lanes::zero(); });
-  const int64_t stripes = shape.stripes(), group_bytes = NO * shape.bytes();
-  const int64_t ahead = (kPrefetchBytes + group_bytes - 1) / group_bytes * group_bytes;
-  const XStripe* xs[MR];
-  // the bytes of one stripe step (NO stripes' worth) of a group `ahead` on, as direct_group
-  auto prefetch_step = [&](int64_t from, int64_t bytes) {
-    for (int64_t line = 0; line < bytes; line += 64) prefetch(rows[0], ahead + from + line);
-  };
-  for (int64_t s = 0; s < shape.full; ++s) {
-    prefetch_step(s * NO * shape.full_bytes, NO * shape.full_bytes);
-    unroll<MR>([&](auto r) { xs[r] = x + (r0 + r) * stripes + s; });
-    stripe_step<Q, NO, MR, true>(rows, s * shape.full_bytes, kStripe, xs, acc);
-  }
-  if (shape.tail > 0) {
-    prefetch_step(shape.full * NO * shape.full_bytes, NO * shape.tail_bytes);
-    unroll<MR>([&](auto r) { xs[r] = x + (r0 + r) * stripes + shape.full; });
-    stripe_step<Q, NO, MR, false>(rows, shape.full * shape.full_bytes, shape.tail, xs, acc);
-  }
-  unroll<NO>([&](auto o) { unroll<MR>([&](auto r) { sums[r * NO + o] = Avx512Lanes::sum(acc[o * MR + r]); }); });
-}
-
-template <typename Q, int NO, int MR>
-void packed_rows(int64_t rows, const uint8_t* const* weights, const packed::RowShape& shape, const packed::XStripe* x,
-                 int64_t r0, float* sums) {
-  if constexpr (MR > 1) {
-    if (rows < MR) return packed_rows<Q, NO, MR - 1>(rows, weights, shape, x, r0, sums);
-  }
-  packed_group<Q, NO, MR>(weights, shape, x, r0, sums);
-}
-
-// out = x @ dequant(w)^T + bias for M rows of x (quantized, xq) and rows w of Q blocks, packed: in
-// tiles of rows (as even as can be, none over MR) per group of NO outputs, whose weights stay in
-// L1 from one tile to the next.
-template <typename Q, int NO, int MR, typename R>
-void packed_tiles(const packed::XStripe* xq, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias,
-                  R* out) {
-  const packed::RowShape shape = packed::row_shape<Q>(K);
-  const int64_t row_bytes = shape.bytes(), groups = (N + NO - 1) / NO, tiles = (M + MR - 1) / MR;
-  kestrel::parallel_ranges(groups, grain(NO, K, M), [&](int64_t begin, int64_t end) {
-    float sums[MR * NO];
-    for (int64_t g = begin; g < end; ++g) {
-      const uint8_t* rows[NO];
-      group_rows<NO>(w, row_bytes, N, g, rows);
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t m0 = t * M / tiles, m1 = (t + 1) * M / tiles;
-        packed_rows<Q, NO, MR>(m1 - m0, rows, shape, xq, m0, sums);
-        write_sums<NO>(sums, m1 - m0, g * NO, N, bias, out + m0 * N);
-      }
-    }
-  });
-}
-
-// The same for x as floats: its rows quantized first. Few rows and many compute alike.
-template <typename Q, typename R>
-void linear_packed(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, R* out) {
-  const int64_t stripes = packed::row_shape<Q>(K).stripes();
-  AlignedBuffer<packed::XStripe> xq(M * stripes);
-  kestrel::parallel_ranges(M, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) packed::quantize_row(x + r * K, K, stripes, xq.get() + r * stripes);
-  });
-  if (M <= kPackedFewRows) {
-    packed_tiles<Q, kPackedFewOutputs, kPackedFewRows>(xq.get(), M, K, w, N, bias, out);
-  } else {
-    packed_tiles<Q, kPackedOutputs, kPackedRows>(xq.get(), M, K, w, N, bias, out);
-  }
-}
-#endif
-
 // ---- Interleaved blocks (quant_interleaved.h) -------------------------------------------------------
 
 #if defined(KESTREL_QUANT_INTERLEAVED)
-// Output groups (of 16) per tile and rows per tile: 2 * NB * MR integer and NB * MR float
-// accumulators next to 2 * NB vectors of nibbles (NB 2, MR 4: 28 of 32 registers). One or two
-// rows take 4 groups: more streams of weights in flight. Q6_K, whose unit halves each have an
-// integer dot, takes NB 2, MR 2 at any row count.
+// Output groups (of 16) per tile and rows per tile. AVX-512: 2 * NB * MR integer and NB * MR
+// float accumulators next to 2 * NB vectors of nibbles (NB 2, MR 4: 28 of 32 registers); one or
+// two rows take 4 groups: more streams of weights in flight. Q6_K, whose unit halves each have
+// an integer dot, takes NB 2, MR 2 at any row count. AVX2 (a group is two vectors, 16 registers):
+// TODO measured below.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr int kInterleavedFewRows = 2, kInterleavedFewGroups = 4;
 constexpr int kInterleavedRows = 4, kInterleavedGroups = 2;
+constexpr int kInterleavedHalvesRows = 2, kInterleavedHalvesGroups = 2;
+#else
+constexpr int kInterleavedFewRows = 1, kInterleavedFewGroups = 1;
+constexpr int kInterleavedRows = 2, kInterleavedGroups = 1;
+constexpr int kInterleavedHalvesRows = 1, kInterleavedHalvesGroups = 1;
+#endif
 // Rows per pass over the weights: their x (80 bytes a unit: 128 rows of 1536 columns, 480 KB)
 // stays in L2 while every output group meets it.
 constexpr int64_t kInterleavedPassRows = 128;
@@ -492,12 +413,13 @@ void interleaved_rows(int64_t rows, const uint8_t* const* groups, int64_t units,
   if constexpr (MR > 1) {
     if (rows < MR) return interleaved_rows<Q, NB, MR - 1>(rows, groups, units, x, r0, sums);
   }
-  __m512 acc[NB * MR];
-  unroll<NB * MR>([&](auto i) { acc[i] = _mm512_setzero_ps(); });
+  constexpr int NV = NB * interleaved::kParts;  // vectors of outputs
+  F acc[NV * MR];
+  unroll<NV * MR>([&](auto i) { acc[i] = Lanes::zero(); });
   const interleaved::XUnit* xs[MR];
   unroll<MR>([&](auto r) { xs[r] = x + (r0 + r) * units; });
   interleaved::tile<Q, NB, MR>(groups, units, xs, acc);
-  unroll<NB>([&](auto b) { unroll<MR>([&](auto r) { _mm512_storeu_ps(sums + r * NB * 16 + b * 16, acc[b * MR + r]); }); });
+  unroll<NV>([&](auto v) { unroll<MR>([&](auto r) { Lanes::storef(sums + r * NB * 16 + v * Lanes::N, acc[v * MR + r]); }); });
 }
 
 // out = x @ dequant(w)^T + bias for M rows of x (quantized, xq): tiles of NB output groups (the
@@ -536,7 +458,7 @@ void linear_interleaved(const float* x, int64_t M, int64_t K, const uint8_t* w, 
     for (int64_t r = begin; r < end; ++r) interleaved::quantize_row(x + r * K, K, xq.get() + r * units);
   });
   if constexpr (interleaved::Layout<Q>::kHalves == 2) {  // twice the integer accumulators
-    interleaved_tiles<Q, kInterleavedGroups, kInterleavedFewRows>(xq.get(), M, K, w, N, bias, out);
+    interleaved_tiles<Q, kInterleavedHalvesGroups, kInterleavedHalvesRows>(xq.get(), M, K, w, N, bias, out);
   } else if (M <= kInterleavedFewRows) {
     interleaved_tiles<Q, kInterleavedFewGroups, kInterleavedFewRows>(xq.get(), M, K, w, N, bias, out);
   } else {
@@ -550,7 +472,7 @@ void linear_interleaved(const float* x, int64_t M, int64_t K, const uint8_t* w, 
 struct BlockShape {
   int block, bytes;
   const char* name;
-  int64_t packed_row_bytes;  // in quant_packed.h's or quant_interleaved.h's layout (0: as in the file)
+  int64_t packed_row_bytes;  // in quant_interleaved.h's layout (0: as in the file)
   int64_t output_multiple;   // out_features must be a multiple of it
   int64_t row_bytes(int64_t in_features) const {
     return packed_row_bytes > 0 ? packed_row_bytes : in_features / block * bytes;
@@ -573,14 +495,6 @@ bool with_layout_type(int64_t qtype, int64_t base, Holds holds, Fn&& fn) {
   return known;
 }
 
-#if defined(KESTREL_QUANT_PACKED)
-template <typename Fn>
-bool with_packed_type(int64_t qtype, Fn&& fn) {
-  const auto holds = [](auto q) { return std::bool_constant<packed::kPackable<decltype(q)>>{}; };
-  return with_layout_type(qtype, packed::kPackedBase, holds, fn);
-}
-#endif
-
 #if defined(KESTREL_QUANT_INTERLEAVED)
 template <typename Fn>
 bool with_interleaved_type(int64_t qtype, Fn&& fn) {
@@ -598,13 +512,6 @@ BlockShape block_shape(const char* op, int64_t qtype, int64_t in_features) {
              interleaved::kOutputs};
   });
   if (is_interleaved) return shape;
-#endif
-#if defined(KESTREL_QUANT_PACKED)
-  const bool is_packed = with_packed_type(qtype, [&](auto q) {
-    using Q = decltype(q);
-    shape = {Q::kBlock, Q::kBytes, Q::kName, packed::row_shape<Q>(in_features).bytes(), 1};
-  });
-  if (is_packed) return shape;
 #endif
   const bool known = with_block_type(qtype, [&](auto q) {
     using Q = decltype(q);
@@ -632,7 +539,7 @@ BlockShape check_blocks(const char* op, const at::Tensor& blocks, int64_t qtype,
   check_output_multiple(op, blocks, shape);
   const int64_t row_bytes = shape.row_bytes(in_features);
   TORCH_CHECK(blocks.size(1) == row_bytes, op, ": blocks have ", blocks.size(1), " bytes per row, but ",
-              shape.packed_row_bytes > 0 ? "packed " : "", shape.name, " with in_features ", in_features, " needs ",
+              shape.packed_row_bytes > 0 ? "interleaved " : "", shape.name, " with in_features ", in_features, " needs ",
               row_bytes);
   return shape;
 }
@@ -738,31 +645,20 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t q
     });
   }
 #endif
-#if defined(KESTREL_QUANT_PACKED)
-  if (qtype > packed::kPackedBase) {
-    return run_linear(call, blocks, qtype - packed::kPackedBase, [](auto q, auto r, auto&&... args) {
-      using Q = decltype(q);
-      if constexpr (packed::kPackable<Q>) linear_packed<Q, decltype(r)>(args...);
-    });
-  }
-#endif
   return run_linear(call, blocks, qtype, [](auto q, auto r, auto&&... args) {
     linear<decltype(q), decltype(r)>(args...);
   });
 }
 
-#if defined(KESTREL_QUANT_PACKED)  // implies KESTREL_QUANT_INTERLEAVED (both need AVX-512 BW, VL)
-// blocks (of GGML type qtype - the layout's base) in the layout of quant_packed.h (qtype
-// kPackedBase + the GGML id) or quant_interleaved.h (kInterleavedBase + it), for quant_linear.
+#if defined(KESTREL_QUANT_INTERLEAVED)
+// blocks (of GGML type qtype - kInterleavedBase) in the layout of quant_interleaved.h, for
+// quant_linear.
 at::Tensor quant_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_features) {
   constexpr const char* op = "quant_pack";
-  const bool interleave = qtype > interleaved::kInterleavedBase;
-  const int64_t base = interleave ? interleaved::kInterleavedBase : packed::kPackedBase;
-  const auto any = [](auto) {};
-  const bool known = interleave ? with_interleaved_type(qtype, any) : with_packed_type(qtype, any);
-  TORCH_CHECK(known, op, ": no packed layout ", qtype, " (", qtype > base ? ggml_type_name(qtype - base) : "unknown",
-              " in ", interleave ? "quant_interleaved.h" : "quant_packed.h", "); the layouts: ", packed::kPackedBase,
-              " + the id of Q4_0, Q4_1, Q5_0 or Q5_1, ", interleaved::kInterleavedBase, " + that of Q4_0, Q4_1, Q8_0, Q4_K or Q6_K");
+  constexpr int64_t base = interleaved::kInterleavedBase;
+  const bool known = with_interleaved_type(qtype, [](auto) {});
+  TORCH_CHECK(known, op, ": no interleaved layout ", qtype, " (", qtype > base ? ggml_type_name(qtype - base) : "unknown",
+              "); the layouts: ", base, " + the id of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q6_K");
   check_blocks(op, blocks, qtype - base, in_features);
   const BlockShape shape = block_shape(op, qtype, in_features);
   check_output_multiple(op, blocks, shape);
@@ -770,23 +666,15 @@ at::Tensor quant_pack(const at::Tensor& blocks, int64_t qtype, int64_t in_featur
   at::Tensor out = at::empty({N, shape.packed_row_bytes}, blocks.options());
   const uint8_t* in = blocks.data_ptr<uint8_t>();
   uint8_t* o = out.data_ptr<uint8_t>();
-  if (!with_interleaved_type(qtype, [&](auto q) {
-        using Q = decltype(q);
-        at::parallel_for(0, N / interleaved::kOutputs, 4, [&](int64_t begin, int64_t end) {
-          for (int64_t g = begin; g < end; ++g) {
-            const int64_t n = g * interleaved::kOutputs;
-            interleaved::Layout<Q>::pack_group(in + n * row_bytes, row_bytes, in_features, o + n * shape.packed_row_bytes);
-          }
-        });
-      })) {
-    with_packed_type(qtype, [&](auto q) {
-      using Q = decltype(q);
-      const packed::RowShape rows = packed::row_shape<Q>(in_features);
-      at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) packed::pack_row<Q>(in + n * row_bytes, rows, o + n * shape.packed_row_bytes);
-      });
+  with_interleaved_type(qtype, [&](auto q) {
+    using Q = decltype(q);
+    at::parallel_for(0, N / interleaved::kOutputs, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t n = g * interleaved::kOutputs;
+        interleaved::Layout<Q>::pack_group(in + n * row_bytes, row_bytes, in_features, o + n * shape.packed_row_bytes);
+      }
     });
-  }
+  });
   return out;
 }
 #endif
@@ -828,7 +716,6 @@ at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t in_
   constexpr const char* op = "quant_dequantize";
   const BlockShape shape = check_blocks(op, blocks, qtype, in_features);
   const bool is_interleaved = shape.output_multiple > 1;  // its rows are given back as the file has them
-  TORCH_CHECK(shape.packed_row_bytes == 0 || is_interleaved, op, ": packed weights are for quant_linear only");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, ": dtype must be float32 or bfloat16, got ", dtype);
   const int64_t num_rows = blocks.size(0), K = in_features;
   at::Tensor ids;
@@ -883,7 +770,7 @@ TORCH_LIBRARY_FRAGMENT(kestrel, m) {
 #if defined(KESTREL_QUANT_DOT)
   m.def("quant_dot_linear(Tensor x, Tensor blocks, int qtype, int in_features, Tensor? bias) -> Tensor");
 #endif
-#if defined(KESTREL_QUANT_PACKED)
+#if defined(KESTREL_QUANT_INTERLEAVED)
   m.def("quant_pack(Tensor blocks, int qtype, int in_features) -> Tensor");
 #endif
 }
@@ -894,7 +781,7 @@ TORCH_LIBRARY_IMPL(kestrel, CPU, m) {
 #if defined(KESTREL_QUANT_DOT)
   m.impl("quant_dot_linear", &quant_dot_linear);
 #endif
-#if defined(KESTREL_QUANT_PACKED)
+#if defined(KESTREL_QUANT_INTERLEAVED)
   m.impl("quant_pack", &quant_pack);
 #endif
 }

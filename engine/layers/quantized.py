@@ -21,19 +21,16 @@ QUANTIZED_TYPES = {
 }  # fmt: skip
 
 
-# Layouts the linears can take a weight in where the build has them (quant_pack), by type id:
-# the base + the GGML type id.
-PACKED_TYPE_BASE = 1000  # int8 activations, for integer dot products (quant_packed.h)
-INTERLEAVED_TYPE_BASE = 2000  # 16-bit activations, 16 outputs per group (quant_interleaved.h)
-
-# The 5-bit types run packed: their decoding to floats bound the one-row linears (Qwen2.5's Q5_0
-# step share 15.3 -> 12.7 ms; greedy agreement with bf16 82.5 -> 82.3%). The 4-bit ones, Q6_K and
-# Q8_0 run interleaved, at float quality (SmolLM2's perplexity 22.954 -> 22.956), where int8
-# activations cost SmolLM2 a third of its agreement (60.1 -> 40.6%, benchmarks/quality.py): with
-# the model's linears in model order at one row, SmolLM2's Q4_1 ones take 2.8 ms a step against
-# 4.5 as floats, Qwen2.5's Q4_K / Q6_K down_proj 123 us a call against 224.
-PACKABLE_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q5_0", "Q5_1"))
-INTERLEAVED_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"))
+# The layout the linears take a weight in where the build has it (quant_pack: AVX-512 BW and VL,
+# or AVX2, FMA and F16C), as type id this base + the GGML type id: 16 outputs per group, integer
+# dot products on 16-bit activations (quant_interleaved.h), at float quality (SmolLM2's
+# perplexity 22.954 -> 22.956), where int8 activations as llama.cpp has them cost SmolLM2 a third
+# of its greedy agreement with bf16 (60.1 -> 40.6%, benchmarks/quality.py). With the model's
+# linears in model order at one row (AVX-512), SmolLM2's Q4_1 ones take 2.8 ms a step against 4.5
+# as floats, Qwen2.5's Q4_K / Q6_K down_proj 123 us a call against 224, its Q5_0 ones 8.3 ms a
+# step against 12.
+INTERLEAVED_TYPE_BASE = 2000
+INTERLEAVED_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"))
 INTERLEAVED_OUTPUTS = 16  # an interleaved weight's out_features must be a multiple of it
 
 
@@ -42,7 +39,7 @@ class QuantizedWeight:
     """Rows of a weight in GGUF blocks: `blocks` uint8 [out_features, row_bytes]."""
 
     blocks: torch.Tensor
-    qtype: int  # the GGML type id of the blocks, or a layout's base + it once packed
+    qtype: int  # the GGML type id of the blocks, or INTERLEAVED_TYPE_BASE + it once interleaved
     in_features: int
 
     @property
@@ -54,25 +51,16 @@ class QuantizedWeight:
         return self.blocks.numel()
 
 
-def packed_for_linears(weight: QuantizedWeight, lookups: bool = False) -> QuantizedWeight:
-    """`weight` in the layout its linears run fastest in where the kernels have one for its type
-    and shape (same bytes, another order), else `weight`. With `lookups`, only in a layout that
-    embedding lookups read too (an output projection tied to the embedding): the interleaved one;
-    the packed one is for linears only."""
-    if not hasattr(kernels.ops(), "quant_pack"):
+def interleave(weight: QuantizedWeight) -> QuantizedWeight:
+    """`weight` in the interleaved layout (the same bytes in another order, or 2.8% more for
+    Q4_K) where the build has one for its type and shape, else `weight`. Embedding lookups read
+    that layout too, so a head tied to the embedding stays one copy."""
+    ops = kernels.ops()
+    if not (hasattr(ops, "quant_pack") and weight.qtype in INTERLEAVED_TYPES
+            and weight.out_features % INTERLEAVED_OUTPUTS == 0):  # fmt: skip
         return weight
-    if weight.qtype in INTERLEAVED_TYPES and weight.out_features % INTERLEAVED_OUTPUTS == 0:
-        return pack(weight, INTERLEAVED_TYPE_BASE)
-    if weight.qtype in PACKABLE_TYPES and not lookups:
-        return pack(weight, PACKED_TYPE_BASE)
-    return weight
-
-
-def pack(weight: QuantizedWeight, layout_base: int) -> QuantizedWeight:
-    """`weight` in the layout `layout_base` (PACKED_TYPE_BASE or INTERLEAVED_TYPE_BASE), whatever
-    the type sets above say (quant_pack refuses a type or shape it has no layout for)."""
-    qtype = layout_base + weight.qtype
-    return QuantizedWeight(kernels.ops().quant_pack(weight.blocks, qtype, weight.in_features), qtype, weight.in_features)
+    qtype = INTERLEAVED_TYPE_BASE + weight.qtype
+    return QuantizedWeight(ops.quant_pack(weight.blocks, qtype, weight.in_features), qtype, weight.in_features)
 
 
 def quantized_linear(x: torch.Tensor, parts: list[QuantizedWeight], bias: torch.Tensor | None) -> torch.Tensor:

@@ -36,6 +36,10 @@ ISA_PATHS = {
         ["-march=x86-64", "-mavx2", "-mfma", "-mf16c"],
         {"KESTREL_AVX2", "KESTREL_AVX2_ONLY", "__F16C__"},
     ),
+    "avx-vnni": (  # AVX2 with AVX-VNNI, as Intel Alder Lake: the interleaved linear's 256-bit vpdpbusd
+        ["-march=x86-64-v3", "-mavxvnni"],
+        {"KESTREL_AVX2", "KESTREL_AVX2_ONLY", "__F16C__", "__AVXVNNI__"},
+    ),
     "avx512": (  # AVX-512 without BF16, as Intel Skylake-SP: AVX2-only paths beside quant's AVX-512 ones
         ["-march=skylake-avx512"],
         {"KESTREL_AVX2", "KESTREL_AVX2_ONLY", "__AVX512BW__", "__F16C__"},
@@ -46,10 +50,12 @@ ISA_PATHS = {
     ),
     "amx": (  # AVX-512 BF16 and AMX, as Intel Sapphire Rapids
         ["-march=sapphirerapids"],
-        {"KESTREL_AVX2", "KESTREL_AVX512_BF16", "KESTREL_AMX", "__AVX512BW__", "__F16C__"},
+        {"KESTREL_AVX2", "KESTREL_AVX512_BF16", "KESTREL_AMX", "__AVX512BW__", "__F16C__", "__AVXVNNI__"},
     ),
 }
-PATH_MACROS = {"KESTREL_AVX2", "KESTREL_AVX2_ONLY", "KESTREL_AVX512_BF16", "KESTREL_AMX", "__AVX512BW__", "__F16C__"}
+PATH_MACROS = {
+    "KESTREL_AVX2", "KESTREL_AVX2_ONLY", "KESTREL_AVX512_BF16", "KESTREL_AMX", "__AVX512BW__", "__F16C__", "__AVXVNNI__",
+}  # fmt: skip
 
 
 def find_compiler() -> str:
@@ -113,7 +119,7 @@ def test_every_kernel_source_compiles_for_every_instruction_set(tmp_path):
         errors = [line for line in lines if ": error:" in line or "called from here" in line] or lines
         return f"{isa} ({' '.join(flags)}):\n  " + "\n  ".join(errors[:20])
 
-    # One more compiler than cores: five paths on two cores finish with both busy to the end.
+    # One more compiler than cores: six paths on two cores finish with both busy to the end.
     with ThreadPoolExecutor(max_workers=min(len(ISA_PATHS), (os.cpu_count() or 1) + 1)) as pool:
         failures = [failure for failure in pool.map(check, ISA_PATHS) if failure]
     assert not failures, "\n".join(failures)

@@ -276,71 +276,19 @@ def test_dot_linear_refuses_types_it_has_no_kernel_for(dot_linear):
         dot_linear(torch.randn(1, 256), blocks, int(T.Q2_K), 256, None)
 
 
-# ---- the packed integer-dot linear (quant_packed.h) ---------------------------------------------
+# ---- the interleaved linear on 16-bit activations (quant_interleaved.h) --------------------------
 
-PACKED_BASE = 1000  # engine.layers.quantized.PACKED_TYPE_BASE
 INTERLEAVED_BASE = 2000  # engine.layers.quantized.INTERLEAVED_TYPE_BASE
 
 
 @pytest.fixture
 def pack(ops):
     if not hasattr(ops, "quant_pack"):
-        pytest.skip("the packed linear needs AVX-512 (BW, VL)")
+        pytest.skip("the interleaved linear needs AVX2 (with FMA, F16C) or AVX-512 (BW, VL)")
     return ops.quant_pack
 
 
-PACKABLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
-# units of 32 per row: a stripe of 16 with none left, stripes with 12 (Qwen's 896) and 5 (odd: the
-# 5-bit types' masks padded) left, and 3 units alone
-PACKED_IN_FEATURES = [512, 896, 672, 96]
-
-
-@pytest.mark.parametrize("in_features", PACKED_IN_FEATURES)
-@pytest.mark.parametrize("qtype", PACKABLE, ids=lambda t: t.name)
-def test_packed_linear_is_within_the_int8_rounding_bound(ops, pack, qtype, in_features):
-    blocks = random_blocks(qtype, 45, in_features, seed=5)  # groups of outputs with a remainder
-    packed = pack(torch.from_numpy(blocks), PACKED_BASE + int(qtype), in_features)
-    check_repacked_linear(ops, packed, PACKED_BASE + int(qtype), reference(blocks, qtype), (1, 2, 3, 5, 16, 64), 127)
-
-
-@pytest.mark.parametrize("in_features", PACKED_IN_FEATURES)
-@pytest.mark.parametrize("block_type", PACKABLE, ids=lambda t: t.name)
-def test_packed_linear_rows_are_the_same_whatever_the_batch(ops, pack, block_type, in_features):
-    """Rows alone, in tiles of 1-4 and in batches of any size give the same bits, on one thread or all."""
-    blocks = torch.from_numpy(random_blocks(block_type, 37, in_features, seed=6))
-    qtype = PACKED_BASE + int(block_type)
-    check_rows_whatever_the_batch(ops, pack(blocks, qtype, in_features), qtype, in_features, 70, (2, 3, 4, 5, 6, 7, 9, 16))
-
-
-def test_packed_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, pack):
-    for block_type in PACKABLE:
-        blocks = torch.from_numpy(random_blocks(block_type, 4, 672))  # 21 units: 5 in the last stripe
-        padding = 4 if block_type in (T.Q5_0, T.Q5_1) else 0  # the masks of 5 units: 3 bytes each, not 2.5
-        assert pack(blocks, PACKED_BASE + int(block_type), 672).shape == (4, blocks.shape[1] + padding)
-    blocks = torch.from_numpy(random_blocks(T.Q5_0, 4, 896))  # 28 units: 22 bytes each
-    qtype = PACKED_BASE + int(T.Q5_0)
-    assert pack(blocks, qtype, 896).shape == blocks.shape
-    cases = [
-        (lambda: pack(torch.from_numpy(random_blocks(T.Q8_0, 4, 64)), PACKED_BASE + int(T.Q8_0), 64),
-         "no packed layout 1008 (Q8_0 in quant_packed.h); the layouts: 1000 + the id of Q4_0, Q4_1, Q5_0 or Q5_1, "
-         "2000 + that of Q4_0, Q4_1, Q8_0, Q4_K or Q6_K"),
-        (lambda: pack(blocks, int(T.Q5_0), 896), "no packed layout 6"),
-        (lambda: ops.quant_linear(torch.randn(1, 64), torch.zeros(4, 68, dtype=torch.uint8), PACKED_BASE + int(T.Q8_0), 64,
-                                  None), "unsupported qtype 1008"),
-        (lambda: ops.quant_linear(torch.randn(1, 896), blocks[:, :600].contiguous(), qtype, 896, None),
-         "blocks have 600 bytes per row, but packed Q5_0 with in_features 896 needs 616"),
-        (lambda: ops.quant_dequantize(pack(blocks, qtype, 896), qtype, 896, None, torch.float32),
-         "packed weights are for quant_linear only"),
-    ]
-    for call, message in cases:
-        with pytest.raises(RuntimeError) as raised:
-            call()
-        assert message in str(raised.value), (message, str(raised.value).splitlines()[0])
-
-
-# ---- the interleaved linear on 16-bit activations (quant_interleaved.h) --------------------------
-
-INTERLEAVABLE = [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K]
+INTERLEAVABLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K]
 # 3 and 5 groups of 16 outputs: tiles of 2 and 4 groups with one left over
 INTERLEAVED_OUT_FEATURES = [48, 80]
 
@@ -385,8 +333,8 @@ def test_interleaved_layout_keeps_the_size_and_refuses_what_it_cannot_hold(ops, 
         assert pack(blocks, INTERLEAVED_BASE + int(block_type), 512).shape == (32, blocks.shape[1] + extra)
     q4_0 = torch.from_numpy(random_blocks(T.Q4_0, 40, 64))
     cases = [
-        (lambda: pack(torch.from_numpy(random_blocks(T.Q5_0, 16, 64)), INTERLEAVED_BASE + int(T.Q5_0), 64),
-         "no packed layout 2006 (Q5_0 in quant_interleaved.h)"),
+        (lambda: pack(torch.from_numpy(random_blocks(T.Q5_K, 16, 256)), INTERLEAVED_BASE + int(T.Q5_K), 256),
+         "no interleaved layout 2013 (Q5_K); the layouts: 2000 + the id of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q6_K"),
         (lambda: pack(q4_0, INTERLEAVED_BASE + int(T.Q4_0), 64),
          "interleaved Q4_0 weights need out_features a multiple of 16, got 40"),
         (lambda: ops.quant_linear(torch.randn(1, 64), q4_0, INTERLEAVED_BASE + int(T.Q4_0), 64, None),
