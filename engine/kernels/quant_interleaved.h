@@ -34,6 +34,7 @@
 
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -79,10 +80,21 @@ struct Bytes {
   static KQ_INLINE I shl16(I a) { return _mm512_slli_epi16(a, S); }
   template <int S>
   static KQ_INLINE I shl32(I a) { return _mm512_slli_epi32(a, S); }
+  static KQ_INLINE I add16(I a, I b) { return _mm512_add_epi16(a, b); }
   static KQ_INLINE I add32(I a, I b) { return _mm512_add_epi32(a, b); }
   static KQ_INLINE I maddubs(I u, I v) { return _mm512_maddubs_epi16(u, v); }
   static KQ_INLINE I madd(I a, I b) { return _mm512_madd_epi16(a, b); }
+  static KQ_INLINE I set64(int64_t q) { return _mm512_set1_epi64(q); }
+  static KQ_INLINE I widen_low(I a) { return _mm512_cvtepi8_epi16(_mm512_castsi512_si256(a)); }  // bytes to int16
+  static KQ_INLINE I widen_high(I a) { return _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(a, 1)); }
+  // int32 pairs to their sums: a's pair l to lane l, b's to lane 8 + l
+  static KQ_INLINE I pair_sums(I a, I b) {
+    const I even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const I odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    return _mm512_add_epi32(_mm512_permutex2var_epi32(a, even, b), _mm512_permutex2var_epi32(a, odd, b));
+  }
 #if defined(__AVX512VNNI__)
+#define KESTREL_INTERLEAVED_VNNI 1
   static constexpr bool kVnni = true;
   static KQ_INLINE I dpbusd(I acc, I u, I v) { return _mm512_dpbusd_epi32(acc, u, v); }
 #else
@@ -108,10 +120,17 @@ struct Bytes {
   static KQ_INLINE I shl16(I a) { return _mm256_slli_epi16(a, S); }
   template <int S>
   static KQ_INLINE I shl32(I a) { return _mm256_slli_epi32(a, S); }
+  static KQ_INLINE I add16(I a, I b) { return _mm256_add_epi16(a, b); }
   static KQ_INLINE I add32(I a, I b) { return _mm256_add_epi32(a, b); }
   static KQ_INLINE I maddubs(I u, I v) { return _mm256_maddubs_epi16(u, v); }
   static KQ_INLINE I madd(I a, I b) { return _mm256_madd_epi16(a, b); }
+  static KQ_INLINE I set64(int64_t q) { return _mm256_set1_epi64x(q); }
+  static KQ_INLINE I widen_low(I a) { return _mm256_cvtepi8_epi16(_mm256_castsi256_si128(a)); }  // bytes to int16
+  static KQ_INLINE I widen_high(I a) { return _mm256_cvtepi8_epi16(_mm256_extracti128_si256(a, 1)); }
+  // int32 pairs to their sums: a's pair l to lane l, b's to lane 4 + l
+  static KQ_INLINE I pair_sums(I a, I b) { return _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xD8); }
 #if defined(__AVXVNNI__)
+#define KESTREL_INTERLEAVED_VNNI 1
   static constexpr bool kVnni = true;
   static KQ_INLINE I dpbusd(I acc, I u, I v) { return _mm256_dpbusd_avx_epi32(acc, u, v); }
 #else
@@ -341,6 +360,9 @@ struct alignas(16) XUnit {
   int8_t hi[32], lo[32];
   float d, d_sum;
   int32_t minus_halves[2];
+#if !defined(KESTREL_INTERLEAVED_VNNI)
+  int16_t p[32];  // the values themselves, for Q8_0's products without VNNI
+#endif
 };
 
 // The unit's scale and digits from its 32 values' max |x|; p (32 int32) from the vectors' values
@@ -372,6 +394,10 @@ inline void quantize_row(const float* x, int64_t K, XUnit* out) {
     XUnit& unit = out[u];
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(unit.hi), to_bytes(h0, h1));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(unit.lo), to_bytes(l0, l1));
+#if !defined(KESTREL_INTERLEAVED_VNNI)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(unit.p), _mm512_cvtepi32_epi16(p0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(unit.p + 16), _mm512_cvtepi32_epi16(p1));
+#endif
     unit.minus_halves[0] = -_mm512_reduce_add_epi32(p0);  // exact
     unit.minus_halves[1] = -_mm512_reduce_add_epi32(p1);
     set_scale(max_abs, unit);
@@ -412,6 +438,12 @@ inline void quantize_row(const float* x, int64_t K, XUnit* out) {
     XUnit& unit = out[u];
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(unit.hi), to_bytes(h));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(unit.lo), to_bytes(l));
+#if !defined(KESTREL_INTERLEAVED_VNNI)
+    for (int k = 0; k < 2; ++k) {  // packs work within 128-bit halves: 0-3, 8-11 | 4-7, 12-15
+      const __m256i values = _mm256_permute4x64_epi64(_mm256_packs_epi32(p[2 * k], p[2 * k + 1]), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(unit.p + 16 * k), values);
+    }
+#endif
     unit.minus_halves[0] = -sum8(_mm256_add_epi32(p[0], p[1]));  // exact
     unit.minus_halves[1] = -sum8(_mm256_add_epi32(p[2], p[3]));
     set_scale(max_abs, unit);
@@ -427,32 +459,79 @@ KQ_INLINE I broadcast4(const int8_t* p) {  // 4 bytes at p in every lane
   return Bytes::set32(word);
 }
 
-// acc + per lane the dot of 4 unsigned bytes of u with 4 signed bytes of v. Without VNNI,
-// vpmaddubsw saturates a pair's sum at 32767: kWide (u up to 255, Q8_0's q + 128) splits u into
-// its low 7 bits and its top bit, each pair then under 2 * 127 * 128.
-template <bool kWide>
-KQ_INLINE I dot4(I acc, I u, I v) {
-  if constexpr (Bytes::kVnni) return Bytes::dpbusd(acc, u, v);
-  const I ones = Bytes::set16(1);
-  if constexpr (kWide) {
-    const I top = Bytes::and_(Bytes::srl16<7>(u), Bytes::set8(1));
-    acc = Bytes::add32(acc, Bytes::shl32<7>(Bytes::madd(Bytes::maddubs(top, v), ones)));
-    u = Bytes::and_(u, Bytes::set8(0x7F));
+// How type Q's values and a row's x make a unit's integer dot, per lane (an output), in steps
+// of 4 elements: into int32 by vpdpbusd (VNNI), else by vpmaddubsw, which sums pairs into int16
+// and saturates at 32767.
+//   4-, 5- and 6-bit values (up to 15, 31, 63): without VNNI, the pairs add up in int16 for
+//     kFlushWords words (a pair is at most 2 * 63 * 128) and then go into int32, the two digits
+//     in one: a third fewer instructions than taking each pair to int32.
+//   Q8_0: with VNNI, its values + 128 (unsigned) as the others; without, its signed values
+//     widened to int16 meet x's p in int16 pairs by vpmaddwd (kMadd), the two halves of the lanes
+//     in two sums (hi, lo), each lane a pair of int32 until `combine`: 7 times fewer instructions
+//     than the digits in vpmaddubsw, which would have to split q + 128 for its saturation.
+template <typename Q>
+struct Products {
+  static constexpr bool kMadd = std::is_same_v<Q, Q8_0Block> && !Bytes::kVnni;
+  static constexpr bool kInt16 = !Bytes::kVnni && !kMadd;
+  static constexpr int kOffset = kMadd ? 0 : Layout<Q>::kOffset;
+  static constexpr int kMaxValue = std::is_same_v<Q, Q6_KBlock> ? 63 : Layout<Q>::kFifthBits ? 31 : 15;
+  static constexpr int kPerWord = Layout<Q>::kHalves == 1 ? 2 : 1;  // words of a step in one sum
+  static constexpr int kFlushWords = kInt16 ? std::min(4, 32767 / (2 * kMaxValue * 128) / kPerWord) : 4;
+  static_assert(4 % kFlushWords == 0);
+  struct Values {  // a word's values, per lane: as unsigned bytes (a), or widened to int16 (a, b)
+    I a, b;
+  };
+  struct Xs {  // 4 elements of x in every lane: the digits hi (a) and lo (b), or p as int16 (a)
+    I a, b;
+  };
+  static KQ_INLINE Values values(I w) {  // w as unit_values loads it
+    if constexpr (kMadd) return {Bytes::widen_low(w), Bytes::widen_high(w)};
+    else if constexpr (std::is_same_v<Q, Q8_0Block>) return {Bytes::xor_(w, Bytes::set8(static_cast<char>(0x80))), w};
+    else return {w, w};
   }
-  return Bytes::add32(acc, Bytes::madd(Bytes::maddubs(u, v), ones));
-}
+  static KQ_INLINE Xs xs(const XUnit& xu, int e0) {  // elements e0 .. e0 + 3
+#if !defined(KESTREL_INTERLEAVED_VNNI)
+    if constexpr (kMadd) {
+      int64_t four;
+      std::memcpy(&four, xu.p + e0, 8);
+      return {Bytes::set64(four), Bytes::zero()};
+    }
+#endif
+    return {broadcast4(xu.hi + e0), broadcast4(xu.lo + e0)};
+  }
+  static KQ_INLINE void add(I& hi, I& lo, const Values& w, const Xs& x) {
+    if constexpr (kMadd) {
+      hi = Bytes::add32(hi, Bytes::madd(w.a, x.a));
+      lo = Bytes::add32(lo, Bytes::madd(w.b, x.a));
+    } else if constexpr (Bytes::kVnni) {
+      hi = Bytes::dpbusd(hi, w.a, x.a);
+      lo = Bytes::dpbusd(lo, w.a, x.b);
+    } else {
+      hi = Bytes::add16(hi, Bytes::maddubs(w.a, x.a));
+      lo = Bytes::add16(lo, Bytes::maddubs(w.a, x.b));
+    }
+    // NOTE: the sums stay chains. gcc would otherwise reassociate them into trees whose leaves,
+    // every product of a unit, it computes first: AVX2's 16 registers spill (tile<Q4_1, 1, 1>
+    // kept 37 vectors on the stack).
+    asm("" : "+x"(hi), "+x"(lo));
+  }
+  static KQ_INLINE I combine(I hi, I lo) {  // the int32 dots of the sums since the last flush
+    if constexpr (kMadd) return Bytes::pair_sums(hi, lo);
+    else if constexpr (kInt16) return Bytes::add32(Bytes::madd(hi, Bytes::set16(256)), Bytes::madd(lo, Bytes::set16(1)));
+    else return Bytes::add32(lo, Bytes::shl32<8>(hi));
+  }
+};
 
 // Per lane, the values of word W of unit u (elements 4W .. 4W + 3 in `low`, 16 + 4W .. in
-// `high`), for the part of the group starting at output lane0.
+// `high`), for the part of the group starting at output lane0 (Q8_0's as signed bytes).
 template <typename Q, int W>
 KQ_INLINE void unit_values(const uint8_t* group, int64_t u, int lane0, I& low, I& high) {
   using L = Layout<Q>;
   const I nibble = Bytes::set8(0x0F);
   const uint8_t* words = L::words(group, u) + 4 * lane0;
-  if constexpr (std::is_same_v<Q, Q8_0Block>) {  // elements 4W .. in word W, 16 + 4W .. in word 4 + W
-    const I sign = Bytes::set8(static_cast<char>(0x80));
-    low = Bytes::xor_(Bytes::load(words + 64 * W), sign);
-    high = Bytes::xor_(Bytes::load(words + 64 * (4 + W)), sign);
+  if constexpr (std::is_same_v<Q, Q8_0Block>) {  // elements 4W .. in word W, 16 + 4W .. in word 4 + W; signed
+    low = Bytes::load(words + 64 * W);
+    high = Bytes::load(words + 64 * (4 + W));
     return;
   }
   const I w = Bytes::load(words + 64 * W);
@@ -481,41 +560,49 @@ KQ_INLINE void unit_values(const uint8_t* group, int64_t u, int lane0, I& low, I
 template <typename Q, int NB, int MR>
 void tile(const uint8_t* const* groups, int64_t units, const XUnit* const* x, F* acc) {
   using L = Layout<Q>;
+  using P = Products<Q>;
   constexpr int H = L::kHalves, NV = NB * kParts;
-  constexpr bool kWide = std::is_same_v<Q, Q8_0Block>;
   for (int64_t u = 0; u < units; ++u) {
-    I hi[H][NV * MR], lo[H][NV * MR];  // the digits' dots, [half][v * MR + r]
+    I dot[H][NV * MR];             // the unit's integer dots, [half][v * MR + r]
+    I hi[H][NV * MR], lo[H][NV * MR];  // the digits' sums since the last flush into dot
     unroll<MR>([&](auto r) KQ_INLINE_LAMBDA {
       const int32_t* minus = x[r][u].minus_halves;
       unroll<H>([&](auto h) KQ_INLINE_LAMBDA {
         I base = Bytes::zero();  // -offset * sum(p)
-        if constexpr (L::kOffset > 0) {
+        if constexpr (P::kOffset > 0) {
           const int32_t minus_sum = H == 2 ? minus[h] : minus[0] + minus[1];
-          base = Bytes::set32(minus_sum * L::kOffset);
+          base = Bytes::set32(minus_sum * P::kOffset);
         }
         unroll<NV>([&](auto v) KQ_INLINE_LAMBDA {
-          hi[h][v * MR + r] = Bytes::zero();
-          lo[h][v * MR + r] = base;
+          dot[h][v * MR + r] = base;
+          hi[h][v * MR + r] = lo[h][v * MR + r] = Bytes::zero();
         });
       });
     });
     unroll<4>([&](auto i) KQ_INLINE_LAMBDA {
-      I low[NV], high[NV];
+      typename P::Values low[NV], high[NV];
       unroll<NV>([&](auto v) KQ_INLINE_LAMBDA {
-        unit_values<Q, i>(groups[v / kParts], u, v % kParts * Lanes::N, low[v], high[v]);
+        I l, h;
+        unit_values<Q, i>(groups[v / kParts], u, v % kParts * Lanes::N, l, h);
+        low[v] = P::values(l);
+        high[v] = P::values(h);
       });
       unroll<MR>([&](auto r) KQ_INLINE_LAMBDA {
-        const XUnit& xu = x[r][u];
-        const I hl = broadcast4(xu.hi + 4 * i), hh = broadcast4(xu.hi + 16 + 4 * i);
-        const I ll = broadcast4(xu.lo + 4 * i), lh = broadcast4(xu.lo + 16 + 4 * i);
+        const typename P::Xs xl = P::xs(x[r][u], 4 * i), xh = P::xs(x[r][u], 16 + 4 * i);
         unroll<NV>([&](auto v) KQ_INLINE_LAMBDA {
           const int j = v * MR + r;
-          hi[0][j] = dot4<kWide>(hi[0][j], low[v], hl);
-          lo[0][j] = dot4<kWide>(lo[0][j], low[v], ll);
-          hi[H - 1][j] = dot4<kWide>(hi[H - 1][j], high[v], hh);
-          lo[H - 1][j] = dot4<kWide>(lo[H - 1][j], high[v], lh);
+          P::add(hi[0][j], lo[0][j], low[v], xl);
+          P::add(hi[H - 1][j], lo[H - 1][j], high[v], xh);
         });
       });
+      if constexpr ((i + 1) % P::kFlushWords == 0) {
+        unroll<H>([&](auto h) KQ_INLINE_LAMBDA {
+          unroll<NV * MR>([&](auto j) KQ_INLINE_LAMBDA {
+            dot[h][j] = Bytes::add32(dot[h][j], P::combine(hi[h][j], lo[h][j]));
+            hi[h][j] = lo[h][j] = Bytes::zero();
+          });
+        });
+      }
     });
     unroll<NV>([&](auto v) KQ_INLINE_LAMBDA {
       unroll<H>([&](auto h) KQ_INLINE_LAMBDA {
@@ -524,9 +611,8 @@ void tile(const uint8_t* const* groups, int64_t units, const XUnit* const* x, F*
         unroll<MR>([&](auto r) KQ_INLINE_LAMBDA {
           const XUnit& xu = x[r][u];
           const int j = v * MR + r;
-          const I dot = Bytes::add32(lo[h][j], Bytes::shl32<8>(hi[h][j]));
           F& a = acc[j];
-          a = Lanes::fma(Lanes::cvt(dot), Lanes::mul(d_w, Lanes::set1(xu.d)), a);
+          a = Lanes::fma(Lanes::cvt(dot[h][j]), Lanes::mul(d_w, Lanes::set1(xu.d)), a);
           if constexpr (L::kMin) a = Lanes::fma(m_w, Lanes::set1(xu.d_sum), a);
         });
       });

@@ -389,20 +389,24 @@ void linear_dot(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
 // ---- Interleaved blocks (quant_interleaved.h) -------------------------------------------------------
 
 #if defined(KESTREL_QUANT_INTERLEAVED)
-// Output groups (of 16) per tile and rows per tile. AVX-512: 2 * NB * MR integer and NB * MR
-// float accumulators next to 2 * NB vectors of nibbles (NB 2, MR 4: 28 of 32 registers); one or
-// two rows take 4 groups: more streams of weights in flight. Q6_K, whose unit halves each have
-// an integer dot, takes NB 2, MR 2 at any row count. AVX2 (a group is two vectors, 16 registers):
-// TODO measured below.
+// Output groups (of 16) per tile and rows per tile, for few rows (up to kFewRows) and many.
+// AVX-512: 2 * NB * MR integer and NB * MR float accumulators next to 2 * NB vectors of values
+// (NB 2, MR 4: 28 of 32 registers); one or two rows take 4 groups: more streams of weights in
+// flight. Q6_K, whose unit halves each have an integer dot, takes NB 2, MR 2 at any row count.
+// AVX2 (a group is two vectors, 16 registers): one group and one row, but for Q8_0's int16
+// products (Products::kMadd), whose widened values two rows share (SmolLM2's gate_up, one
+// thread, 16 rows: TODO).
+template <typename Q>
+struct InterleavedTile {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-constexpr int kInterleavedFewRows = 2, kInterleavedFewGroups = 4;
-constexpr int kInterleavedRows = 4, kInterleavedGroups = 2;
-constexpr int kInterleavedHalvesRows = 2, kInterleavedHalvesGroups = 2;
+  static constexpr bool kHalves = interleaved::Layout<Q>::kHalves == 2;
+  static constexpr int kFewRows = 2, kFewGroups = kHalves ? 2 : 4;
+  static constexpr int kRows = kHalves ? 2 : 4, kGroups = 2;
 #else
-constexpr int kInterleavedFewRows = 1, kInterleavedFewGroups = 1;
-constexpr int kInterleavedRows = 2, kInterleavedGroups = 1;
-constexpr int kInterleavedHalvesRows = 1, kInterleavedHalvesGroups = 1;
+  static constexpr int kFewRows = 1, kFewGroups = 1;
+  static constexpr int kRows = interleaved::Products<Q>::kMadd ? 2 : 1, kGroups = 1;
 #endif
+};
 // Rows per pass over the weights: their x (80 bytes a unit: 128 rows of 1536 columns, 480 KB)
 // stays in L2 while every output group meets it.
 constexpr int64_t kInterleavedPassRows = 128;
@@ -457,12 +461,11 @@ void linear_interleaved(const float* x, int64_t M, int64_t K, const uint8_t* w, 
   kestrel::parallel_ranges(M, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) interleaved::quantize_row(x + r * K, K, xq.get() + r * units);
   });
-  if constexpr (interleaved::Layout<Q>::kHalves == 2) {  // twice the integer accumulators
-    interleaved_tiles<Q, kInterleavedHalvesGroups, kInterleavedHalvesRows>(xq.get(), M, K, w, N, bias, out);
-  } else if (M <= kInterleavedFewRows) {
-    interleaved_tiles<Q, kInterleavedFewGroups, kInterleavedFewRows>(xq.get(), M, K, w, N, bias, out);
+  using T = InterleavedTile<Q>;
+  if (M <= T::kFewRows) {
+    interleaved_tiles<Q, T::kFewGroups, T::kFewRows>(xq.get(), M, K, w, N, bias, out);
   } else {
-    interleaved_tiles<Q, kInterleavedGroups, kInterleavedRows>(xq.get(), M, K, w, N, bias, out);
+    interleaved_tiles<Q, T::kGroups, T::kRows>(xq.get(), M, K, w, N, bias, out);
   }
 }
 #endif
