@@ -394,8 +394,9 @@ void linear_dot(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
 // (NB 2, MR 4: 28 of 32 registers); one or two rows take 4 groups: more streams of weights in
 // flight. Q6_K, whose unit halves each have an integer dot, takes NB 2, MR 2 at any row count.
 // AVX2 (a group is two vectors, 16 registers): one group and one row, but for Q8_0's int16
-// products (Products::kMadd), whose widened values two rows share (SmolLM2's gate_up, one
-// thread, 16 rows: TODO).
+// products (Products::kMadd), whose widened values two rows share. SmolLM2's gate_up (3072 x
+// 576), hot, one thread, 16 rows: Q4_1 556-653 us at one row a tile, 733 at two; Q8_0 586 at two,
+// 768 at one.
 template <typename Q>
 struct InterleavedTile {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
