@@ -512,8 +512,8 @@ struct Products {
     }
     // NOTE: the sums stay chains. gcc would otherwise reassociate them into trees whose leaves,
     // every product of a unit, it computes first: AVX2's 16 registers spill (tile<Q4_1, 1, 1>
-    // kept 37 vectors on the stack).
-    asm("" : "+x"(hi), "+x"(lo));
+    // kept 37 vectors on the stack). ("v": any vector register, AVX-512's upper 16 too.)
+    if constexpr (!Bytes::kVnni) asm("" : "+v"(hi), "+v"(lo));
   }
   static KQ_INLINE I combine(I hi, I lo) {  // the int32 dots of the sums since the last flush
     if constexpr (kMadd) return Bytes::pair_sums(hi, lo);

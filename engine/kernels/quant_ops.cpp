@@ -391,8 +391,12 @@ void linear_dot(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t 
 #if defined(KESTREL_QUANT_INTERLEAVED)
 // Output groups (of 16) per tile and rows per tile, for few rows (up to kFewRows) and many.
 // AVX-512: 2 * NB * MR integer and NB * MR float accumulators next to 2 * NB vectors of values
-// (NB 2, MR 4: 28 of 32 registers); one or two rows take 4 groups: more streams of weights in
-// flight. Q6_K, whose unit halves each have an integer dot, takes NB 2, MR 2 at any row count.
+// (NB 2, MR 4: 28 of 32 registers). Q6_K, whose unit halves each have an integer dot, takes NB 2,
+// MR 2 at any row count. One or two rows of the 4-bit types take 4 groups (more streams of
+// weights in flight), of Q5_0, Q5_1 and Q8_0 one: the linears of one step in model order at one
+// row, alternating builds, 4 groups against 1: SmolLM2's Q4_1 3.79 / 3.74 ms against 3.84 / 3.97,
+// its Q8_0 head 1.51 / 0.96 against 0.69 / 0.80, Qwen2.5's Q5_0 10.3 / 10.1 against 7.1 / 7.3,
+// its Q8_0 5.7 / 6.5 against 4.9 / 5.7.
 // AVX2 (a group is two vectors, 16 registers): one group and one row, but for Q8_0's int16
 // products (Products::kMadd), whose widened values two rows share. SmolLM2's gate_up (3072 x
 // 576), hot, one thread, 16 rows: Q4_1 556-653 us at one row a tile, 733 at two; Q8_0 586 at two,
@@ -401,7 +405,8 @@ template <typename Q>
 struct InterleavedTile {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   static constexpr bool kHalves = interleaved::Layout<Q>::kHalves == 2;
-  static constexpr int kFewRows = 2, kFewGroups = kHalves ? 2 : 4;
+  static constexpr bool kFourBits = std::is_same_v<Q, Q4_0Block> || std::is_same_v<Q, Q4_1Block> || std::is_same_v<Q, Q4_KBlock>;
+  static constexpr int kFewRows = 2, kFewGroups = kHalves ? 2 : kFourBits ? 4 : 1;
   static constexpr int kRows = kHalves ? 2 : 4, kGroups = 2;
 #else
   static constexpr int kFewRows = 1, kFewGroups = 1;
