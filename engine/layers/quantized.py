@@ -26,9 +26,9 @@ QUANTIZED_TYPES = {
 # dot products on 16-bit activations (quant_interleaved.h), at float quality (SmolLM2's
 # perplexity 22.954 -> 22.956), where int8 activations as llama.cpp has them cost SmolLM2 a third
 # of its greedy agreement with bf16 (60.1 -> 40.6%, benchmarks/quality.py). With the model's
-# linears in model order at one row (AVX-512), SmolLM2's Q4_1 ones take 2.8 ms a step against 4.5
-# as floats, Qwen2.5's Q4_K / Q6_K down_proj 123 us a call against 224, its Q5_0 ones 8.3 ms a
-# step against 12.
+# linears in model order at one row, AVX-512: SmolLM2's Q4_1 ones take 2.8 ms a step against 4.5
+# as floats, Qwen2.5's Q4_K / Q6_K down_proj 123 us a call against 224, its Q5_0 ones 7.1-7.3 ms
+# (8.3 on int8 activations); AVX2: all of Qwen2.5's 14.5 ms against 33 as floats.
 INTERLEAVED_TYPE_BASE = 2000
 INTERLEAVED_TYPES = frozenset(QUANTIZED_TYPES[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"))
 INTERLEAVED_OUTPUTS = 16  # an interleaved weight's out_features must be a multiple of it
