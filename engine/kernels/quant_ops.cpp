@@ -488,27 +488,21 @@ struct BlockShape {
   }
 };
 
-// Runs fn(Q{}) where qtype is `base` + the id of a block type Q that a layout holds
-// (holds(Q{}) a std::true_type); false where it is none.
-template <typename Holds, typename Fn>
-bool with_layout_type(int64_t qtype, int64_t base, Holds holds, Fn&& fn) {
+#if defined(KESTREL_QUANT_INTERLEAVED)
+// Runs fn(Q{}) where qtype is kInterleavedBase + the id of a block type Q the layout holds;
+// false where it is none.
+template <typename Fn>
+bool with_interleaved_type(int64_t qtype, Fn&& fn) {
   bool known = false;
-  if (qtype > base) {
-    with_block_type(qtype - base, [&](auto q) {
-      if constexpr (decltype(holds(q))::value) {
+  if (qtype > interleaved::kInterleavedBase) {
+    with_block_type(qtype - interleaved::kInterleavedBase, [&](auto q) {
+      if constexpr (interleaved::kInterleavable<decltype(q)>) {
         fn(q);
         known = true;
       }
     });
   }
   return known;
-}
-
-#if defined(KESTREL_QUANT_INTERLEAVED)
-template <typename Fn>
-bool with_interleaved_type(int64_t qtype, Fn&& fn) {
-  const auto holds = [](auto q) { return std::bool_constant<interleaved::kInterleavable<decltype(q)>>{}; };
-  return with_layout_type(qtype, interleaved::kInterleavedBase, holds, fn);
 }
 #endif
 
